@@ -1,0 +1,9 @@
+"""Architectures. Importing this package registers every model."""
+
+from . import resnet, vit  # noqa: F401  (registration side effects)
+from .registry import create_model, list_models, register_model
+from .resnet import ResNet, ResNetConfig
+from .vit import ViTConfig, VisionTransformer
+
+__all__ = ["create_model", "list_models", "register_model", "ResNet", "ResNetConfig", "ViTConfig",
+           "VisionTransformer"]
