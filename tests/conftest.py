@@ -21,3 +21,12 @@ def shared_data() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets one core: more threads than cores makes torch spin and
+    # slows every test several-fold on the 2-core CI machine.
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

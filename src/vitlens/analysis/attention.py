@@ -1,0 +1,474 @@
+"""Attention probabilities and what they tell: distance, rollout, [CLS] maps, entropy.
+
+Recording. Fused attention kernels never materialise the probabilities, so
+:func:`record_attention` switches only the chosen layers to an explicit softmax path and
+hooks the probabilities there; every other layer keeps its fused kernel. Three families:
+
+* vitlens (:class:`vitlens.layers.Attention`): set ``record_attn=True`` on the chosen
+  modules and hook their ``attn_probs`` hook point.
+* timm (``timm.layers.Attention`` and the attention classes that follow its pattern): set
+  ``fused_attn=False`` on the chosen modules and hook ``attn_drop``, the dropout that timm
+  applies to the softmax output in its explicit path (``attn = attn.softmax(-1);
+  attn = self.attn_drop(attn)``, timm 1.0.31 ``timm/layers/attention.py``). The hook reads
+  the dropout's *input*, so probabilities are exact in train mode too.
+* Hugging Face (``transformers`` models listing ``"attentions"`` in
+  ``_can_record_outputs``, e.g. ``ViTModel``): the attention implementation is a property of
+  the shared config, so the whole model is switched to ``attn_implementation="eager"``
+  while recording (every layer, not only the chosen ones), and the chosen attention
+  modules' second output (the probabilities, what ``output_attentions=True`` returns) is hooked.
+
+Every flag is restored and every hook removed on exit, also when the body raises.
+
+Mean attention distance (Dosovitskiy et al. 2020 Fig. 7; Raghu et al. 2021 Fig. 3): for
+query patch i the attention-weighted pixel distance to the key patches,
+``sum_j a_ij * ||centre_i - centre_j||``, averaged over patch queries and images, one number
+per head. Choice made here: [CLS] and register tokens are removed from both queries and keys
+and each query's patch-to-patch attention is renormalised to sum to 1, so the figure measures
+*where among the patches* a head looks, not how much it attends to [CLS] (a head that puts
+90% of its mass on [CLS] would otherwise read as very local).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers.attention import Attention as VitlensAttention
+
+LayerSpec = Sequence[str | int] | str | int | None
+
+
+# ----------------------------------------------------------------------------- finding layers
+def _hf_attention_classes(model: nn.Module) -> tuple[type, ...]:
+    spec = getattr(model, "_can_record_outputs", None) or {}
+    target = spec.get("attentions") if isinstance(spec, dict) else None
+    if target is None:
+        return ()
+    targets = target if isinstance(target, (list, tuple)) else [target]
+    classes = []
+    for t in targets:
+        cls = t if isinstance(t, type) else getattr(t, "target_class", None)
+        if isinstance(cls, type):
+            classes.append(cls)
+    return tuple(classes)
+
+
+def _kind(module: nn.Module, hf_classes: tuple[type, ...]) -> str | None:
+    if isinstance(module, VitlensAttention):
+        return "vitlens"
+    if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module):
+        return "timm"
+    if hf_classes and isinstance(module, hf_classes):
+        return "hf"
+    return None
+
+
+def attention_layers(model: nn.Module) -> list[str]:
+    """Names of the attention modules :func:`record_attention` can read, in module order."""
+    hf = _hf_attention_classes(model)
+    return [name for name, m in model.named_modules() if _kind(m, hf)]
+
+
+def resolve_attention_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
+    """``None``: all attention layers; ints index :func:`attention_layers` (-1 = last); names pass."""
+    available = attention_layers(model)
+    if not available:
+        raise ValueError(
+            f"{type(model).__name__} has no attention layers that vitlens can record (vitlens, timm or "
+            "Hugging Face attention); attention analyses apply to transformers, not CNNs"
+        )
+    if layers is None:
+        return available
+    if isinstance(layers, (str, int)):
+        layers = [layers]
+    names = []
+    for layer in layers:
+        if isinstance(layer, int):
+            if not -len(available) <= layer < len(available):
+                raise ValueError(
+                    f"attention layer index {layer} out of range: the model has {len(available)}"
+                )
+            names.append(available[layer])
+        elif layer in available:
+            names.append(layer)
+        else:
+            raise ValueError(
+                f"{layer!r} is not an attention layer of {type(model).__name__}; "
+                f"choose from {available[:4]}{' ...' if len(available) > 4 else ''} or an index"
+            )
+    return names
+
+
+# ----------------------------------------------------------------------------- recording
+@dataclass
+class AttentionRecord:
+    """Probabilities seen by :func:`record_attention`: ``probs[layer]`` is (B, heads, L, S).
+
+    With ``accumulate=False`` (default) each forward pass replaces the previous one, so
+    memory stays one batch; with ``accumulate=True`` batches are concatenated along B.
+    """
+
+    layers: list[str]
+    accumulate: bool = False
+    probs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        if layer not in self.probs:
+            raise KeyError(f"no attention recorded for {layer!r}; run a forward pass inside the context")
+        return self.probs[layer]
+
+    def in_order(self) -> list[torch.Tensor]:
+        """The recorded tensors in layer order (what :func:`attention_rollout` takes)."""
+        return [self[name] for name in self.layers]
+
+    def clear(self) -> None:
+        self.probs.clear()
+
+    def _store(self, name: str, probs: torch.Tensor) -> None:
+        if probs is None or probs.dim() != 4:
+            raise RuntimeError(
+                f"layer {name!r} gave no (B, heads, L, S) probabilities "
+                f"(got {None if probs is None else tuple(probs.shape)}); its attention class is not supported"
+            )
+        probs = probs.detach()
+        if self.accumulate and name in self.probs:
+            probs = torch.cat([self.probs[name], probs], dim=0)
+        self.probs[name] = probs
+
+
+@contextmanager
+def record_attention(
+    model: nn.Module, layers: LayerSpec = None, *, accumulate: bool = False
+) -> Iterator[AttentionRecord]:
+    """Within the context, forward passes of ``model`` record the chosen layers' attention probabilities.
+
+    >>> with record_attention(model, layers=[0, -1]) as rec:
+    ...     model(images)
+    >>> rec.probs["blocks.0.attn"].shape  # (B, heads, L, L)
+    """
+    names = resolve_attention_layers(model, layers)
+    record = AttentionRecord(names, accumulate)
+    modules = dict(model.named_modules())
+    hf_classes = _hf_attention_classes(model)
+    handles, restore = [], []
+    try:
+        if any(_kind(modules[n], hf_classes) == "hf" for n in names):
+            previous = model.config._attn_implementation
+            model.set_attn_implementation("eager")
+            restore.append(lambda prev=previous: model.set_attn_implementation(prev))
+        for name in names:
+            m = modules[name]
+            kind = _kind(m, hf_classes)
+            if kind == "vitlens":
+                restore.append(lambda m=m, prev=m.record_attn: setattr(m, "record_attn", prev))
+                m.record_attn = True
+                handles.append(
+                    m.attn_probs.register_forward_hook(
+                        lambda _m, _inp, out, name=name: record._store(name, out)
+                    )
+                )
+            elif kind == "timm":
+                restore.append(lambda m=m, prev=m.fused_attn: setattr(m, "fused_attn", prev))
+                m.fused_attn = False
+                handles.append(
+                    m.attn_drop.register_forward_hook(
+                        lambda _m, inp, _out, name=name: record._store(name, inp[0])
+                    )
+                )
+            else:  # Hugging Face: (attn_output, attn_weights)
+                handles.append(
+                    m.register_forward_hook(
+                        lambda _m, _inp, out, name=name: record._store(
+                            name, out[1] if isinstance(out, tuple) else None
+                        )
+                    )
+                )
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+        for undo in reversed(restore):
+            undo()
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass
+class TokenGeometry:
+    """Where tokens sit in the image: a ``grid_size`` grid of ``patch_size`` pixel cells after
+    ``num_prefix_tokens`` non-spatial tokens ([CLS], registers)."""
+
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int
+    has_cls: bool
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
+
+
+def token_geometry(model: nn.Module) -> TokenGeometry:
+    """Read the token grid from a vitlens/timm ViT (``patch_embed``) or a Hugging Face ViT (``config``).
+
+    Pixel size of a token: ``token_pixel_size`` (on the tokenizer or the model, for tokenizers
+    that are not a plain patch split) else ``patch_embed.patch_size``.
+    """
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "grid_size", None) is not None:
+        px = (
+            getattr(pe, "token_pixel_size", None) or getattr(model, "token_pixel_size", None) or pe.patch_size
+        )
+        return TokenGeometry(
+            _pair(pe.grid_size),
+            _pair(px),
+            int(getattr(model, "num_prefix_tokens", 1)),
+            getattr(model, "cls_token", None) is not None,
+        )
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "patch_size") and hasattr(cfg, "image_size"):  # Hugging Face ViT
+        img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
+        return TokenGeometry((img[0] // patch[0], img[1] // patch[1]), patch, 1, True)
+    raise ValueError(
+        f"cannot tell where {type(model).__name__}'s tokens sit in the image: it needs a patch_embed with "
+        "grid_size and patch_size (vitlens/timm ViT) or a Hugging Face ViT config"
+    )
+
+
+def patch_distances(grid_size, patch_size) -> torch.Tensor:
+    """(N, N) float64 pixel distances between patch centres, row-major like the token order.
+
+    Patch (r, c) has its centre at ((r + 0.5) * patch_h, (c + 0.5) * patch_w) in input pixels.
+    """
+    gh, gw = _pair(grid_size)
+    ph, pw = _pair(patch_size)
+    rows, cols = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
+    )
+    centres = torch.stack([(rows.flatten() + 0.5) * ph, (cols.flatten() + 0.5) * pw], dim=1)  # (N, 2)
+    return torch.cdist(centres, centres)
+
+
+def _patch_attention(probs: torch.Tensor, num_prefix_tokens: int, num_patches: int) -> torch.Tensor:
+    """(B, H, L, L) -> (B, H, N, N) patch-to-patch attention, each row renormalised to sum to 1."""
+    if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"expected self-attention probabilities (B, heads, L, L), got {tuple(probs.shape)}")
+    if probs.shape[-1] != num_prefix_tokens + num_patches:
+        raise ValueError(
+            f"{probs.shape[-1]} tokens do not match {num_prefix_tokens} prefix tokens + "
+            f"{num_patches} patches; check grid_size and num_prefix_tokens"
+        )
+    a = probs[..., num_prefix_tokens:, num_prefix_tokens:].double()
+    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)  # a row with no patch mass stays 0
+
+
+def _distance_sum(probs, distances, num_prefix_tokens) -> torch.Tensor:
+    """(heads,) sum over images and patch queries of sum_j a_ij d_ij."""
+    a = _patch_attention(probs, num_prefix_tokens, distances.shape[0])
+    return (a * distances.to(a.device)).sum(-1).sum(dim=(0, 2))  # (B, H, N) -> (H,)
+
+
+def attention_distance(probs: torch.Tensor, grid_size, patch_size, num_prefix_tokens: int) -> torch.Tensor:
+    """Mean attention distance in pixels per head, (heads,), for probabilities (B, heads, L, L).
+
+    Prefix tokens are dropped from queries and keys and rows renormalised (see the module doc).
+    """
+    d = patch_distances(grid_size, patch_size)
+    B, H, L, _ = probs.shape
+    return _distance_sum(probs, d, num_prefix_tokens) / (B * d.shape[0])
+
+
+def _images(batch) -> torch.Tensor:
+    """A data-loader batch -> images: a tensor, a tuple's first item, or dict['image'/'pixel_values']."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "pixel_values"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
+
+
+@torch.no_grad()
+def attention_statistics(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    layers: LayerSpec = None,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """One streamed pass: mean attention distance (pixels) and attention entropy (nats) per head.
+
+    Returns ``{"layers": names, "distance": (layers, heads), "entropy": (layers, heads)}``
+    (numpy). ``data`` yields images or (images, labels) batches; at most ``max_batches`` are
+    used. The model is moved to ``device`` and run in eval mode (its training flag is restored).
+    Entropy is over all keys, prefix tokens included, averaged over every query.
+    """
+    from tqdm.auto import tqdm
+
+    names = resolve_attention_layers(model, layers)
+    geo = token_geometry(model)
+    distances = patch_distances(geo.grid_size, geo.patch_size).to(device)
+    dist_sums: dict[str, torch.Tensor] = {}
+    ent_sums: dict[str, torch.Tensor] = {}
+    images_seen = 0
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with record_attention(model, names) as rec:
+            for i, batch in enumerate(tqdm(data, desc="attention", disable=not progress, leave=False)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                images = _images(batch).to(device)
+                model(images)
+                for n in names:
+                    d = _distance_sum(rec[n], distances, geo.num_prefix_tokens)  # (H,)
+                    e = attention_entropy(rec[n], reduce=False).sum(dim=(0, 2))  # (H,)
+                    dist_sums[n] = dist_sums[n] + d if n in dist_sums else d
+                    ent_sums[n] = ent_sums[n] + e if n in ent_sums else e
+                images_seen += images.shape[0]
+    finally:
+        model.train(was_training)
+    if images_seen == 0:
+        raise ValueError("no batches to measure attention on; the data iterable is empty")
+    n_tokens = rec[names[0]].shape[-2]
+    return {
+        "layers": names,
+        "distance": torch.stack([dist_sums[n] for n in names])
+        .div(images_seen * distances.shape[0])
+        .cpu()
+        .numpy(),
+        "entropy": torch.stack([ent_sums[n] for n in names]).div(images_seen * n_tokens).cpu().numpy(),
+    }
+
+
+def mean_attention_distance(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    layers: LayerSpec = None,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Mean attention distance in pixels, an array (layers, heads), streamed over ``data`` batches, no grad.
+
+    Rows follow :func:`resolve_attention_layers` (``layers``); see :func:`attention_statistics`.
+    """
+    return attention_statistics(model, data, layers=layers, max_batches=max_batches, device=device)[
+        "distance"
+    ]
+
+
+# ----------------------------------------------------------------------------- rollout, maps, entropy
+def attention_rollout(
+    attn_per_layer: Sequence[torch.Tensor] | dict, discard_ratio: float = 0.0, head_fusion: str = "mean"
+) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): (B, L, L) flow from input tokens to the last layer's tokens.
+
+    Per layer (in forward order): fuse heads ('mean' | 'max' | 'min') -> optionally zero the
+    ``discard_ratio`` smallest entries of each image's (L, L) matrix (Gildenblat's
+    vit-explain variant, to sharpen maps) -> add the identity for the residual connection,
+    ``0.5 * A + 0.5 * I`` -> renormalise rows -> multiply: ``R = A_l @ ... @ A_1``.
+    """
+    layers = list(attn_per_layer.values()) if isinstance(attn_per_layer, dict) else list(attn_per_layer)
+    if not layers:
+        raise ValueError("attention_rollout needs at least one layer of attention")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
+    if head_fusion not in fuse:
+        raise ValueError(f"head_fusion must be one of {sorted(fuse)}, got {head_fusion!r}")
+    B, _, L, _ = layers[0].shape
+    eye = torch.eye(L, dtype=torch.float64, device=layers[0].device)
+    rollout = eye.expand(B, L, L).clone()
+    for probs in layers:
+        a = fuse[head_fusion](probs.double())  # (B, L, L)
+        if discard_ratio > 0:
+            flat = a.reshape(B, -1)
+            k = int(flat.shape[1] * discard_ratio)
+            idx = flat.topk(k, dim=-1, largest=False).indices
+            a = flat.scatter(1, idx, 0.0).view(B, L, L)
+        a = 0.5 * a + 0.5 * eye
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout
+
+
+def attention_entropy(probs: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """Entropy (nats) of each query's attention distribution; probs (..., heads, L, S).
+
+    ``reduce=True``: the mean per head, (heads,). ``reduce=False``: (..., heads, L).
+    0 log 0 counts as 0, so masked keys (probability 0) add nothing. Uniform attention over
+    S keys gives log(S); attention on one key gives 0.
+    """
+    p = probs.double()
+    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (..., heads, L)
+    if not reduce:
+        return ent
+    if ent.dim() < 2:
+        raise ValueError(f"expected probabilities (..., heads, L, S), got {tuple(probs.shape)}")
+    dims = [d for d in range(ent.dim()) if d != ent.dim() - 2]
+    return ent.mean(dim=dims)
+
+
+@torch.no_grad()
+def attention_maps(
+    model: nn.Module,
+    image: torch.Tensor,
+    layer: str | int = -1,
+    *,
+    discard_ratio: float = 0.0,
+    head_fusion: str = "mean",
+) -> dict:
+    """Where the [CLS] token looks, reshaped to the patch grid, ready to draw over ``image``.
+
+    Returns numpy arrays: ``heads`` (heads, gh, gw) [CLS]->patch attention at ``layer``;
+    ``mean`` its head average; ``rollout`` (gh, gw) the rollout from the first attention layer
+    up to ``layer``. The [CLS] row is read with prefix tokens removed and renormalised over
+    patches (as in the distance). For a model without [CLS] (pool='gap') the query is the
+    average over patch queries, i.e. how much attention each patch *receives*.
+    """
+    geo = token_geometry(model)
+    all_layers = attention_layers(model)
+    target = resolve_attention_layers(model, layer)[0]
+    upto = all_layers[: all_layers.index(target) + 1]
+    x = image[None] if image.dim() == 3 else image
+    if x.shape[0] != 1:
+        raise ValueError(f"attention_maps takes one image (C, H, W), got a batch of {x.shape[0]}")
+    was_training = model.training
+    model.eval()
+    try:
+        with record_attention(model, upto) as rec:
+            model(x.to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+    gh, gw = geo.grid_size
+    P = geo.num_prefix_tokens
+
+    def query_row(mat: torch.Tensor) -> torch.Tensor:  # (..., L, L) -> (..., N)
+        if geo.has_cls:
+            row = mat[..., 0, P:]
+            return row / row.sum(-1, keepdim=True).clamp_min(1e-12)
+        return _renorm(mat[..., P:, P:]).mean(-2)
+
+    heads = query_row(rec[target][0].double())  # (H, N)
+    roll = query_row(attention_rollout(rec.in_order(), discard_ratio, head_fusion)[0])  # (N,)
+    return {
+        "layer": target,
+        "grid_size": (gh, gw),
+        "heads": heads.view(-1, gh, gw).cpu().numpy(),
+        "mean": heads.mean(0).view(gh, gw).cpu().numpy(),
+        "rollout": roll.view(gh, gw).cpu().numpy(),
+    }
+
+
+def _renorm(a: torch.Tensor) -> torch.Tensor:
+    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,214 @@
+"""``vitlens lm ...`` and ``vitlens translate ...``: the language models.
+
+    vitlens lm train --data ../shared/data/tinyshakespeare --model gpt_char_baby --out runs/shakespeare
+    vitlens lm sample runs/shakespeare --prompt "ROMEO:" --temperature 0.8 --top-k 200
+    vitlens lm attention runs/shakespeare "To be, or not to be"
+    vitlens translate train --data-dir ../shared/data/multi30k --out runs/multi30k
+    vitlens translate runs/multi30k "Ein Mann fährt Fahrrad."
+    vitlens translate runs/multi30k --file test.de --ref test.en --beam 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+
+TRANSLATE_USAGE = """usage: vitlens translate train [--data-dir DIR] [--out RUN] [options]   train a translation model
+       vitlens translate RUN "Ein Mann fährt Fahrrad." [...]               translate sentences
+       vitlens translate RUN --file SRC [--ref REF] [--out OUT] [--beam K]  translate a file (BLEU with --ref)
+
+`vitlens translate train --help` lists the training options, `vitlens translate RUN --help` the decoding ones."""
+
+
+# ------------------------------------------------------------------------------- config flags
+def add_dataclass_arguments(p: argparse.ArgumentParser, cls, helps: dict[str, str] | None = None) -> None:
+    """One ``--flag`` per dataclass field (``--max-steps`` for ``max_steps``); unset flags are absent."""
+    helps = helps or {}
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kw = {"default": argparse.SUPPRESS, "help": f"{helps.get(f.name, '')} (default: {default})".strip()}
+        t = str(f.type)
+        if t == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif t == "dict":
+            p.add_argument(flag, type=json.loads, **kw)
+        else:
+            p.add_argument(flag, type=float if "float" in t else int if "int" in t else str, **kw)
+
+
+def config_from_args(cls, args) -> object:
+    """``--config`` file (YAML or JSON) if given, then every flag that was set on the command line."""
+    from pathlib import Path
+
+    from ..text.run import config_from_dict
+
+    values = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            values = json.loads(path.read_text())
+    values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    return config_from_dict(cls, values)
+
+
+_LM_HELP = {"model": "gpt_char_baby | gpt_char_mini | gpt_nano | bert_mini | bert_nano",
+            "model_args": "JSON overrides of the model config, e.g. '{\"dropout\": 0.0}'",
+            "data": "a text file or a folder with input.txt (Tiny Shakespeare)",
+            "amp": "auto | bf16 | fp16 | fp32 (auto: bf16 on capable GPUs, fp32 on CPU)",
+            "time_budget_min": "stop cleanly after this many minutes (resume with --resume)"}
+_TR_HELP = {"model": "transformer_multi30k | transformer_base | transformer_nano",
+            "model_args": "JSON overrides of the model config, e.g. '{\"dropout\": 0.3}'",
+            "data_dir": "folder with {train,val,TEST}.{de,en}(.gz) (Multi30k layout)",
+            "vocab_size": "joint BPE vocabulary size", "max_tokens": "tokens per batch (padded)",
+            "amp": "auto | bf16 | fp16 | fp32", "time_budget_min": "stop cleanly after this many minutes"}
+
+
+# ------------------------------------------------------------------------------- lm
+def register(sub) -> None:
+    from ..text.train_lm import LMTrainConfig
+    from ..text.train_translate import TranslateTrainConfig
+
+    lm = sub.add_parser("lm", help="character-level language models (GPT, BERT)",
+                        description="Train, sample from and inspect character-level GPT / BERT models.")
+    lm_sub = lm.add_subparsers(dest="lm_command", metavar="{train,sample,attention}")
+    lm.set_defaults(func=lambda args: lm.print_help() or 2)
+
+    t = lm_sub.add_parser("train", help="train a GPT (next character) or BERT (masked characters)")
+    t.add_argument("--config", help="YAML/JSON LMTrainConfig file; flags override it")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_dataclass_arguments(t, LMTrainConfig, _LM_HELP)
+    t.set_defaults(func=run_lm_train)
+
+    s = lm_sub.add_parser("sample", help="generate text from a trained GPT run")
+    s.add_argument("run", help="run directory of `vitlens lm train`")
+    s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    s.add_argument("--max-new-tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest characters (0 = all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    s.set_defaults(func=run_lm_sample)
+
+    a = lm_sub.add_parser("attention", help="per-head attention entropy and distance on a sentence")
+    a.add_argument("run", help="run directory of `vitlens lm train`")
+    a.add_argument("text", help="the sentence to look at")
+    a.add_argument("--save", help="write the attention maps of --layer as a PNG here")
+    a.add_argument("--layer", type=int, default=-1, help="layer to draw (default: the last)")
+    a.set_defaults(func=run_lm_attention)
+
+    tr = sub.add_parser("translate", help="train a translation model, or translate with one", add_help=False,
+                        usage=TRANSLATE_USAGE.split("\n", 1)[0][len("usage: "):])
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=run_translate, _tr_config=TranslateTrainConfig)
+
+
+def run_lm_train(args) -> int:
+    from ..text.train_lm import LMTrainConfig, train_lm
+
+    summary = train_lm(config_from_args(LMTrainConfig, args), resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_lm_sample(args) -> int:
+    from ..text.train_lm import sample
+
+    text = sample(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k or None, seed=args.seed, device=args.device, use_cache=not args.no_cache)
+    print(text)
+    return 0
+
+
+def run_lm_attention(args) -> int:
+    from ..text.attention import text_attention_report
+    from ..text.train_lm import load_lm
+
+    model, tok, _ = load_lm(args.run)
+    report = text_attention_report(model, tok, args.text)
+    print(f"{len(report['tokens'])} tokens; entropy in nats (uniform over the visible keys = "
+          f"{report['uniform_entropy']:.2f}), distance in tokens")
+    for layer, ent, dist in zip(report["layers"], report["entropy"], report["distance"]):
+        cells = "  ".join(f"h{h}: {e:.2f} / {d:.1f}" for h, (e, d) in enumerate(zip(ent, dist)))
+        print(f"{layer:20s} {cells}")
+    if args.save:
+        from ..text.attention import plot_text_attention
+
+        plot_text_attention(report, args.layer, args.save)
+        print(f"wrote {args.save}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- translate
+def _translate_train_parser(cls) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitlens translate train",
+                                description="Train the encoder-decoder Transformer (joint BPE, label smoothing, "
+                                            "Noam warmup); ends with test BLEU, greedy and beam search.")
+    p.add_argument("--config", help="YAML/JSON TranslateTrainConfig file; flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_dataclass_arguments(p, cls, _TR_HELP)
+    return p
+
+
+def _translate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitlens translate", description="Translate with a trained run.")
+    p.add_argument("run", help="run directory of `vitlens translate train`")
+    p.add_argument("text", nargs="*", help="sentences to translate (each one argument)")
+    p.add_argument("--file", help="translate every line of this file (.gz allowed)")
+    p.add_argument("--ref", help="reference translations of --file: print sacreBLEU")
+    p.add_argument("--out", help="write the translations here instead of printing them")
+    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+len)/6)^alpha")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def run_translate(args) -> int:
+    rest = list(args.rest)
+    if not rest or rest[0] in ("-h", "--help"):
+        print(TRANSLATE_USAGE)
+        return 0 if rest else 2
+    if rest[0] == "train":
+        from ..text.train_translate import train_translate
+
+        targs = _translate_train_parser(args._tr_config).parse_args(rest[1:])
+        summary = train_translate(config_from_args(args._tr_config, targs), resume=targs.resume)
+        print(json.dumps(summary, indent=2))
+        return 0
+    return _decode(_translate_parser().parse_args(rest))
+
+
+def _decode(a) -> int:
+    from ..text.data import read_lines
+    from ..text.decode import corpus_bleu, translate
+    from ..text.train_translate import load_translator
+
+    if not a.text and not a.file:
+        raise ValueError('nothing to translate: give sentences ("Ein Mann fährt Fahrrad.") or --file FILE')
+    if a.ref and not a.file:
+        raise ValueError("--ref needs --file (the references must align with the file's lines)")
+    model, tok, _ = load_translator(a.run, a.device)
+    sentences = list(a.text) + (read_lines(a.file) if a.file else [])
+    hyps = translate(model, tok, sentences, beam_size=a.beam, alpha=a.alpha, batch_size=a.batch_size,
+                     device=a.device)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(hyps) + "\n")
+    else:
+        sys.stdout.write("\n".join(hyps) + "\n")
+    if a.ref:
+        refs = read_lines(a.ref)
+        file_hyps = hyps[len(a.text):]
+        print(f"BLEU = {corpus_bleu(file_hyps, refs):.2f} (sacreBLEU, detokenized, {len(refs)} sentences, "
+              f"beam {a.beam})", file=sys.stderr)
+    return 0

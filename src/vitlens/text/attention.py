@@ -1,0 +1,150 @@
+"""Attention of the language models, read per head: maps, entropy, distance in tokens.
+
+Recording goes through :func:`vitlens.analysis.attention.record_attention` (each vitlens
+``Attention`` switched to its explicit-softmax path, probabilities hooked at ``attn_probs``),
+so GPT, BERT and the encoder-decoder need nothing of their own. What differs from images is
+the geometry: tokens sit on a line, so the distance between query i and key j is |i - j|
+tokens, and some positions are padding.
+
+* entropy of head h: mean over real (non-padding) queries of ``-sum_j a_ij log a_ij``, in nats.
+  Masked keys have probability 0 and add nothing. For comparison, uniform attention over the
+  visible keys gives ``log(#visible)``: log(L) for BERT, log(i + 1) for query i of a GPT.
+* mean distance of head h: mean over real queries of ``sum_j a_ij |i - j|``. Padding keys get
+  no attention (probability 0), so they never count. Self-attention only: a decoder's
+  cross-attention relates positions of two different sentences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..analysis.attention import attention_layers, record_attention
+
+
+@torch.no_grad()
+def text_attention(model: nn.Module, *inputs, layers=None, **kwargs) -> dict[str, torch.Tensor]:
+    """Run ``model(*inputs, **kwargs)`` in eval mode; -> {layer name: probabilities (B, heads, L, S)}."""
+    was = model.training
+    model.eval()
+    try:
+        with record_attention(model, layers) as rec:
+            model(*inputs, **kwargs)
+    finally:
+        model.train(was)
+    return {name: rec[name] for name in rec.layers}
+
+
+def token_distances(q_len: int, k_len: int, query_offset: int | None = None) -> torch.Tensor:
+    """(q_len, k_len) |i - j| in tokens. Query i sits at position ``query_offset + i``; the default
+    ``k_len - q_len`` is the cached-decoding layout (the queries are the last positions)."""
+    offset = k_len - q_len if query_offset is None else query_offset
+    qpos = torch.arange(q_len, dtype=torch.float64)[:, None] + offset
+    kpos = torch.arange(k_len, dtype=torch.float64)[None, :]
+    return (qpos - kpos).abs()
+
+
+def _query_weights(probs: torch.Tensor, query_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, L) weights: 1 for real queries, 0 for padding."""
+    B, _, L, _ = probs.shape
+    if query_padding_mask is None:
+        return torch.ones(B, 1, L, dtype=torch.float64, device=probs.device)
+    if query_padding_mask.shape != (B, L):
+        raise ValueError(f"query_padding_mask must be (B, L) = {(B, L)}, got {tuple(query_padding_mask.shape)}")
+    return (~query_padding_mask).double()[:, None, :].to(probs.device)
+
+
+def head_entropy(probs: torch.Tensor, query_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(heads,) mean attention entropy in nats over real queries; probs (B, heads, L, S)."""
+    if probs.dim() != 4:
+        raise ValueError(f"expected probabilities (B, heads, L, S), got {tuple(probs.shape)}")
+    p = probs.double()
+    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (B, H, L); 0 log 0 = 0
+    w = _query_weights(probs, query_padding_mask)  # (B, 1, L)
+    return (ent * w).sum(dim=(0, 2)) / w.sum().clamp_min(1.0)
+
+
+def head_distance(probs: torch.Tensor, query_padding_mask: torch.Tensor | None = None,
+                  query_offset: int | None = None) -> torch.Tensor:
+    """(heads,) mean attention distance in tokens over real queries; self-attention probs (B, heads, L, S)."""
+    if probs.dim() != 4:
+        raise ValueError(f"expected probabilities (B, heads, L, S), got {tuple(probs.shape)}")
+    d = token_distances(probs.shape[-2], probs.shape[-1], query_offset).to(probs.device)
+    per_query = (probs.double() * d).sum(-1)  # (B, H, L)
+    w = _query_weights(probs, query_padding_mask)
+    return (per_query * w).sum(dim=(0, 2)) / w.sum().clamp_min(1.0)
+
+
+def self_attention_layers(model: nn.Module) -> list[str]:
+    """Attention layers whose queries and keys are the same sequence (no ``cross_attn``)."""
+    return [n for n in attention_layers(model) if not n.endswith("cross_attn")]
+
+
+def _ids_for(model: nn.Module, tok, text: str) -> torch.Tensor:
+    from ..models.bert import Bert
+
+    ids = tok.encode(text)
+    if isinstance(model, Bert):
+        ids = [tok.token_id("[CLS]")] + ids
+    return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+
+
+def text_attention_report(model: nn.Module, tok, text: str) -> dict:
+    """Per-layer, per-head entropy and distance of a GPT or BERT on one sentence, plus the maps.
+
+    Returns ``tokens`` (strings), ``layers`` (names), ``entropy`` and ``distance`` (layers x heads
+    lists), ``maps`` {layer: (heads, L, L) numpy}, ``uniform_entropy`` (the entropy uniform
+    attention over the visible keys would give, averaged over queries).
+    """
+    from ..models.bert import Bert
+    from ..models.gpt import GPT
+
+    if not isinstance(model, (GPT, Bert)):
+        raise ValueError(f"{type(model).__name__} is not a GPT or BERT; for other models use text_attention "
+                         "with head_entropy / head_distance")
+    ids = _ids_for(model, tok, text)
+    L = ids.shape[1]
+    probs = text_attention(model, ids)
+    layers = self_attention_layers(model)
+    causal = isinstance(model, GPT)
+    visible = torch.arange(1, L + 1, dtype=torch.float64) if causal else torch.full((L,), float(L))
+    return {
+        "tokens": [tok.itos[i] for i in ids[0].tolist()],
+        "layers": layers,
+        "entropy": [head_entropy(probs[n]).tolist() for n in layers],
+        "distance": [head_distance(probs[n]).tolist() for n in layers],
+        "maps": {n: probs[n][0].float().cpu().numpy() for n in layers},
+        "uniform_entropy": float(visible.log().mean()),
+    }
+
+
+def plot_text_attention(report: dict, layer: int | str, path: str, max_heads: int = 8) -> None:
+    """A row of per-head heatmaps (query rows, key columns) with the tokens on the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = report["layers"][layer] if isinstance(layer, int) else layer
+    maps = report["maps"][name][:max_heads]
+    labels: Sequence[str] = [repr(t)[1:-1] for t in report["tokens"]]
+    H = maps.shape[0]
+    fig, axes = plt.subplots(1, H, figsize=(3.2 * H, 3.4), squeeze=False)
+    show_labels = len(labels) <= 40
+    for h, ax in enumerate(axes[0]):
+        ax.imshow(maps[h], cmap="viridis", vmin=0.0)
+        ax.set_title(f"{name} h{h}", fontsize=8)
+        if show_labels:
+            ax.set_xticks(range(len(labels)), labels, fontsize=5, rotation=90)
+            ax.set_yticks(range(len(labels)), labels, fontsize=5)
+        else:
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+__all__ = ["text_attention", "token_distances", "head_entropy", "head_distance", "self_attention_layers",
+           "text_attention_report", "plot_text_attention"]

@@ -1,0 +1,63 @@
+"""Image tokenizers: four ways to turn an image into the token sequence a ViT reads.
+
+=========  ===================================================  ==================================
+option     tokens                                               module
+=========  ===================================================  ==================================
+patch      one linear projection of each PxP patch (ViT)        :class:`vitlens.layers.PatchEmbed`
+pixel      downsampled pixels as palette indices (iGPT)          :mod:`.palette`
+vq         code indices of a trained VQ-VAE (DALL-E / BEiT)     :mod:`.vqvae`
+hybrid     positions of a ResNet feature map (ViT sec. 3.1)     :mod:`.hybrid`
+=========  ===================================================  ==================================
+
+Pick one with ``create_model("vit_micro_patch4_32", tokenizer="pixel", tokenizer_args={...})``
+or ``vitlens train --tokenizer pixel``. Every tokenizer takes the images the ViT takes
+(dataset-normalised, (B, 3, H, W)) and returns (B, N, embed_dim); the ViT adds [CLS] and
+position embeddings. Each exposes ``num_patches``, ``grid_size`` (h, w), ``patch_size`` (input
+pixels per token, used by attention-distance analyses) and ``img_size``.
+
+``tokenizer_args`` per tokenizer:
+
+* pixel: ``palette`` (a ``vitlens train-tokenizer --kind palette`` file; None -> fixed uniform
+  palette, with a warning), ``k`` (512), ``resolution`` (16), ``mean``/``std``.
+* vq: ``checkpoint`` (a ``vitlens train-tokenizer --kind vq`` file), ``mean``/``std``.
+* hybrid: ``layers`` ((1, 1, 1)), ``widths`` ((32, 64, 128)), ``block``, ``stem`` ('cifar'),
+  ``patch`` (1) or ``grid``.
+
+``mean``/``std`` are the statistics the inputs were normalised with (CIFAR-10's by default).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .hybrid import HybridEmbed, build_hybrid_tokenizer
+from .palette import PixelTokenizer, assign_palette, fit_palette, load_palette, save_palette, uniform_palette
+from .vqvae import VQVAE, VQTokenizer, VQVAEConfig, load_vqvae, psnr, save_vqvae
+
+TOKENIZERS = ("patch", "pixel", "vq", "hybrid")
+
+__all__ = [
+    "TOKENIZERS", "build_image_tokenizer", "HybridEmbed", "PixelTokenizer", "VQTokenizer", "VQVAE", "VQVAEConfig",
+    "assign_palette", "fit_palette", "load_palette", "save_palette", "uniform_palette", "load_vqvae", "save_vqvae",
+    "psnr",
+]
+
+
+def build_image_tokenizer(cfg) -> nn.Module:
+    """The tokenizer module a :class:`~vitlens.models.ViTConfig` asks for (``cfg.tokenizer``, ``cfg.tokenizer_args``)."""
+    args = dict(cfg.tokenizer_args or {})
+    if cfg.tokenizer == "pixel":
+        from .palette import build_pixel_tokenizer
+
+        return build_pixel_tokenizer(cfg, args)
+    if cfg.tokenizer == "vq":
+        from .vqvae import build_vq_tokenizer
+
+        return build_vq_tokenizer(cfg, args)
+    if cfg.tokenizer == "hybrid":
+        return build_hybrid_tokenizer(cfg, args)
+    if cfg.tokenizer == "patch":
+        from ..layers import PatchEmbed
+
+        return PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+    raise ValueError(f"unknown tokenizer {cfg.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")

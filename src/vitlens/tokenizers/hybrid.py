@@ -1,0 +1,76 @@
+"""The hybrid ViT's tokenizer (Dosovitskiy et al. 2020, section 3.1): CNN feature map positions as tokens.
+
+"As an alternative to raw image patches, the input sequence can be formed from feature maps of
+a CNN ... the patches can have spatial size 1x1, which means that the input sequence is
+obtained by simply flattening the spatial dimensions of the feature map and projecting to the
+Transformer dimension." The paper uses the first stages of a ResNet-50; here the stem and
+first stages of a vitlens :class:`~vitlens.models.resnet.ResNet` (same blocks, same names as
+torchvision, so a torchvision/timm ResNet checkpoint can initialise ``backbone``), then a
+``patch x patch`` convolution to ``embed_dim``. Module names follow timm's ``HybridEmbed``
+(``backbone``, ``proj``).
+
+Token grid = image side / (stem stride x 2^(stages - 1) x patch): with the 'cifar' stem
+(stride 1) and three stages, a 32x32 image gives an 8x8 grid, like 4x4 patches.
+Input: the same dataset-normalised images the ViT receives (a CNN wants them that way).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers.patch_embed import to_2tuple
+from ..models.resnet import ResNet, ResNetConfig
+
+_STEM_STRIDE = {"cifar": 1, "imagenet": 4}
+
+
+class HybridEmbed(nn.Module):
+    """(B, 3, H, W) -> ResNet stem + stages -> (B, C, h', w') -> patch conv -> (B, h*w, D)."""
+
+    def __init__(self, img_size, embed_dim: int, *, layers=(1, 1, 1), widths=(32, 64, 128), block: str = "basic",
+                 stem: str = "cifar", patch: int = 1, in_chans: int = 3):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        rcfg = ResNetConfig(block=block, layers=tuple(layers), widths=tuple(widths), stem=stem, in_chans=in_chans,
+                            num_classes=0)
+        self.backbone = ResNet(rcfg)
+        self.feature_stride = _STEM_STRIDE[stem] * 2 ** (len(rcfg.layers) - 1)  # input px per feature position
+        stride = self.feature_stride * patch
+        if self.img_size[0] % stride or self.img_size[1] % stride:
+            raise ValueError(
+                f"hybrid tokenizer: image size {self.img_size} is not divisible by the backbone stride "
+                f"{self.feature_stride} x patch {patch} = {stride}; use fewer stages, a smaller patch or another "
+                "image size")
+        self.patch_size = (stride, stride)  # input pixels covered by one token (for attention distances)
+        self.grid_size = (self.img_size[0] // stride, self.img_size[1] // stride)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(self.backbone.num_features, embed_dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"hybrid tokenizer built for {self.img_size} images, got {tuple(x.shape[-2:])}")
+        x = self.backbone.forward_features(x)  # (B, C, H/s, W/s)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+
+
+def build_hybrid_tokenizer(cfg, args: dict) -> HybridEmbed:
+    """From ``tokenizer_args``: ``layers``, ``widths``, ``block``, ``stem``, and ``patch`` or ``grid``
+    (tokens per side; sets ``patch`` = feature-map side / grid)."""
+    known = {"layers", "widths", "block", "stem", "patch", "grid"}
+    if unknown := sorted(set(args) - known - {"mean", "std"}):
+        raise ValueError(f"unknown hybrid tokenizer_args {unknown}; valid: {sorted(known)}")
+    kw = {k: args[k] for k in ("layers", "widths", "block", "stem") if k in args}
+    stem = kw.get("stem", "cifar")
+    if stem not in _STEM_STRIDE:
+        raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+    patch = int(args.get("patch", 1))
+    if "grid" in args:
+        n_stages = len(kw.get("layers", (1, 1, 1)))
+        feat = to_2tuple(cfg.img_size)[0] // (_STEM_STRIDE[stem] * 2 ** (n_stages - 1))
+        grid = int(args["grid"])
+        if grid < 1 or feat % grid:
+            raise ValueError(f"hybrid tokenizer: the {feat}x{feat} feature map cannot be cut into a {grid}x{grid} "
+                             "grid; choose a grid that divides it")
+        patch = feat // grid
+    return HybridEmbed(cfg.img_size, cfg.embed_dim, patch=patch, in_chans=cfg.in_chans, **kw)

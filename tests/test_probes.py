@@ -1,0 +1,118 @@
+"""Localization probes: ridge maths, planted class/position signals, real ViT/ResNet behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import vitlens
+from vitlens.analysis.probes import _RidgeStats, localization_probes
+
+K, N = 5, 16  # classes, tokens
+
+
+class Planted(nn.Module):
+    """Two token layers with known content. Input: a one-hot class vector (B, K) per "image".
+
+    ``where``: token n is one-hot(n) plus noise -> position decodable, class not.
+    ``what``: every token is the class one-hot plus noise -> class decodable, position not.
+    ``grid``: an (B, N, 8, 8) map whose channel c is 1 on pixel c of an 8x8 image -> position only.
+    """
+
+    num_prefix_tokens = 0
+
+    def __init__(self):
+        super().__init__()
+        self.where, self.what, self.grid = nn.Identity(), nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        B = x.shape[0]
+        noise = lambda *s: 0.1 * torch.randn(*s)  # noqa: E731
+        self.where(torch.eye(N).expand(B, N, N) + noise(B, N, N))
+        self.what(x[:, None, :].expand(B, N, K) + noise(B, N, K))
+        self.grid(torch.eye(64).view(64, 8, 8).expand(B, 64, 8, 8) + noise(B, 64, 8, 8))
+        return x
+
+
+def _planted_data(n_batches, B=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        y = torch.randint(0, K, (B,), generator=g)
+        out.append((torch.nn.functional.one_hot(y, K).float(), y))
+    return out
+
+
+def test_planted_signals_are_found_and_absent_ones_are_at_chance():
+    torch.manual_seed(0)
+    res = localization_probes(
+        Planted(), _planted_data(4), _planted_data(2, seed=1), ["where", "what", "grid"], grid=4
+    )
+    where, what, grid = res["where"], res["what"], res["grid"]
+    assert where["position_acc"] == 1.0 and what["class_acc"] == 1.0
+    assert where["class_acc"] < 0.35  # chance 0.2
+    assert what["position_acc"] < 0.15  # chance 1/16
+    # the 8x8 map is pooled to 4x4: 16 positions, each a distinct mix of channels -> exactly decodable
+    assert grid["grid_size"] == (4, 4) and grid["num_positions"] == 16 and grid["position_acc"] == 1.0
+    assert where["class_acc_map"].shape == (1, N)  # no patch grid known for this toy: one row
+    assert where["train_tokens"] == 4 * 32 * N and where["num_classes"] == K
+    assert where["chance_position"] == pytest.approx(1 / N)
+
+
+def test_streamed_ridge_equals_a_one_shot_solution():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)) * [1, 2, 3, 4, 5, 6] + 3.0
+    y = rng.integers(0, 4, size=300)
+    stats = _RidgeStats.empty(6, 1, "cpu")
+    for chunk in np.array_split(np.arange(300), 3):
+        stats.update(torch.from_numpy(x[chunk]), torch.from_numpy(y[chunk]))
+    w, b = stats.solve(ridge=1e-2)
+    # reference: centred ridge regression on one-hot targets, solved in numpy
+    Y = np.eye(4)[y]
+    xc, yc = x - x.mean(0), Y - Y.mean(0)
+    gram = xc.T @ xc
+    lam = 1e-2 * np.mean(np.diag(gram))
+    w_ref = np.linalg.solve(gram + lam * np.eye(6), xc.T @ yc)
+    np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b.numpy(), Y.mean(0) - x.mean(0) @ w_ref, rtol=1e-9, atol=1e-12)
+
+
+def _images(n_batches, B=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g))
+        for _ in range(n_batches)
+    ]
+
+
+def test_vit_position_is_decodable_only_after_the_position_embedding():
+    """Random-init vit_micro: patch_embed outputs carry no position; blocks see patch + learned position."""
+    m = vitlens.create_model("vit_micro_patch4_32")
+    res = localization_probes(
+        m, _images(3), _images(1, seed=1), ["patch_embed", "blocks.0", "blocks.3"], max_images=64
+    )
+    assert res["patch_embed"]["position_acc"] < 0.1  # chance 1/64
+    assert res["blocks.0"]["position_acc"] > 0.9
+    assert res["blocks.0"]["grid_size"] == (8, 8) and res["blocks.0"]["class_acc_map"].shape == (8, 8)
+    assert res["blocks.0"]["train_tokens"] == 64 * 64  # max_images cut the third batch; [CLS] left out
+    again = localization_probes(m, _images(3), _images(1, seed=1), ["blocks.3"], max_images=64)
+    assert again["blocks.3"]["class_acc"] == res["blocks.3"]["class_acc"]  # deterministic
+
+
+def test_resnet_maps_pool_to_the_requested_grid():
+    m = vitlens.create_model("resnet8_cifar")
+    res = localization_probes(m, _images(2, B=16), _images(1, B=16, seed=1), grid=8)
+    assert list(res) == ["maxpool", "layer1.0", "layer2.0", "layer3.0"]
+    assert res["layer1.0"]["grid_size"] == (8, 8)  # 32x32 map pooled
+    assert res["layer3.0"]["grid_size"] == (8, 8)  # already 8x8
+    for r in res.values():
+        assert 0.0 <= r["class_acc"] <= 1.0 and 0.0 <= r["position_acc"] <= 1.0
+
+
+def test_probe_data_errors():
+    with pytest.raises(TypeError, match="images, labels"):
+        localization_probes(Planted(), [torch.zeros(2, K)], [], ["what"])
+    with pytest.raises(ValueError, match="empty"):
+        localization_probes(Planted(), [], [], ["what"])
