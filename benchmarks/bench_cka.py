@@ -97,6 +97,7 @@ def build_models(img_size: int):
     """ViT-S/16 (vitlens if available, else timm; identical module names) and torchvision ResNet-50."""
     import torchvision
 
+    torch.manual_seed(0)  # the same random weights in every phase's process
     try:
         from vitlens.models import create_model
 

@@ -11,7 +11,13 @@ import torch
 from vitlens import create_model
 from vitlens.cli import main as cli
 from vitlens.layers import build_attention_mask
-from vitlens.text.attention import head_distance, head_entropy, text_attention, text_attention_report, token_distances
+from vitlens.text.attention import (
+    head_distance,
+    head_entropy,
+    text_attention,
+    text_attention_report,
+    token_distances,
+)
 from vitlens.text.data import CharTokenizer, load_char_corpus, random_windows
 from vitlens.text.train_lm import LMTrainConfig, load_lm, sample, train_lm
 
@@ -50,7 +56,9 @@ def test_kv_cache_step_logits_equal_full_recomputation():
     prefill = model.forward_head(model.forward_features(idx[:, :5], kv_cache=cache))
     steps = [prefill]
     for t in range(5, 12):
-        steps.append(model.forward_head(model.forward_features(idx[:, t:t + 1], kv_cache=cache, start_pos=t)))
+        steps.append(
+            model.forward_head(model.forward_features(idx[:, t : t + 1], kv_cache=cache, start_pos=t))
+        )
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache[0]["k"].shape == (3, 2, 12, 16)  # (B, heads, t, head_dim)
 
@@ -129,9 +137,20 @@ def test_char_corpus_split(shared_data):
 
 
 def _cfg(shared_data, out, **kw):
-    base = dict(model="gpt_nano", data=str(shared_data / "tinyshakespeare"), out=str(out), max_steps=40,
-                batch_size=16, block_size=32, lr=3e-3, warmup_steps=5, eval_every=20, eval_iters=2,
-                max_chars=50_000, progress=False)
+    base = dict(
+        model="gpt_nano",
+        data=str(shared_data / "tinyshakespeare"),
+        out=str(out),
+        max_steps=40,
+        batch_size=16,
+        block_size=32,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_every=20,
+        eval_iters=2,
+        max_chars=50_000,
+        progress=False,
+    )
     return LMTrainConfig(**{**base, **kw})
 
 
@@ -162,9 +181,34 @@ def test_train_resume_and_sample(shared_data, tmp_path):
 
 def test_cli_sample_and_errors(shared_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli(["lm", "train", "--model", "gpt_nano", "--data", str(shared_data / "tinyshakespeare"),
-                "--out", str(run), "--max-steps", "3", "--batch-size", "4", "--block-size", "16",
-                "--eval-every", "3", "--eval-iters", "1", "--max-chars", "20000", "--no-progress"]) == 0
+    assert (
+        cli(
+            [
+                "lm",
+                "train",
+                "--model",
+                "gpt_nano",
+                "--data",
+                str(shared_data / "tinyshakespeare"),
+                "--out",
+                str(run),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--block-size",
+                "16",
+                "--eval-every",
+                "3",
+                "--eval-iters",
+                "1",
+                "--max-chars",
+                "20000",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli(["lm", "sample", str(run), "--prompt", "KING:", "--max-new-tokens", "10", "--top-k", "5"]) == 0
     out = capsys.readouterr().out
@@ -172,6 +216,19 @@ def test_cli_sample_and_errors(shared_data, tmp_path, capsys):
     assert cli(["lm", "sample", str(run), "--prompt", "Ω"]) == 2
     assert "not in the model's vocabulary" in capsys.readouterr().err
     assert cli(["lm", "sample", str(tmp_path / "nothing")]) == 2
-    assert cli(["lm", "train", "--model", "resnet18", "--data", str(shared_data / "tinyshakespeare"),
-                "--out", str(tmp_path / "r")]) == 2
+    assert (
+        cli(
+            [
+                "lm",
+                "train",
+                "--model",
+                "resnet18",
+                "--data",
+                str(shared_data / "tinyshakespeare"),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "not a language model" in capsys.readouterr().err

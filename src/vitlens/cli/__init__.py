@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # One module per command group, in the order ``vitlens --help`` lists them.
-COMMAND_MODULES = ["models", "train", "study", "report", "analyze", "text"]
+COMMAND_MODULES = ["models", "train", "study", "report", "analyze", "text", "tokenizer"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,11 +1,11 @@
 """``vitlens lm ...`` and ``vitlens translate ...``: the language models.
 
-    vitlens lm train --data ../shared/data/tinyshakespeare --model gpt_char_baby --out runs/shakespeare
-    vitlens lm sample runs/shakespeare --prompt "ROMEO:" --temperature 0.8 --top-k 200
-    vitlens lm attention runs/shakespeare "To be, or not to be"
-    vitlens translate train --data-dir ../shared/data/multi30k --out runs/multi30k
-    vitlens translate runs/multi30k "Ein Mann fährt Fahrrad."
-    vitlens translate runs/multi30k --file test.de --ref test.en --beam 4
+vitlens lm train --data ../shared/data/tinyshakespeare --model gpt_char_baby --out runs/shakespeare
+vitlens lm sample runs/shakespeare --prompt "ROMEO:" --temperature 0.8 --top-k 200
+vitlens lm attention runs/shakespeare "To be, or not to be"
+vitlens translate train --data-dir ../shared/data/multi30k --out runs/multi30k
+vitlens translate runs/multi30k "Ein Mann fährt Fahrrad."
+vitlens translate runs/multi30k --file test.de --ref test.en --beam 4
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-TRANSLATE_USAGE = """usage: vitlens translate train [--data-dir DIR] [--out RUN] [options]   train a translation model
-       vitlens translate RUN "Ein Mann fährt Fahrrad." [...]               translate sentences
-       vitlens translate RUN --file SRC [--ref REF] [--out OUT] [--beam K]  translate a file (BLEU with --ref)
+TRANSLATE_USAGE = """usage: vitlens translate train [--data-dir DIR] [--out RUN] [options]
+       vitlens translate RUN "Ein Mann fährt Fahrrad." [...]
+       vitlens translate RUN --file SRC [--ref REF] [--out OUT] [--beam K]
 
-`vitlens translate train --help` lists the training options, `vitlens translate RUN --help` the decoding ones."""
+Train a translation model, translate sentences, or translate a file (sacreBLEU with --ref).
+`vitlens translate train --help` lists the training options, `vitlens translate RUN --help`
+the decoding ones."""
 
 
 # ------------------------------------------------------------------------------- config flags
@@ -60,16 +62,22 @@ def config_from_args(cls, args) -> object:
     return config_from_dict(cls, values)
 
 
-_LM_HELP = {"model": "gpt_char_baby | gpt_char_mini | gpt_nano | bert_mini | bert_nano",
-            "model_args": "JSON overrides of the model config, e.g. '{\"dropout\": 0.0}'",
-            "data": "a text file or a folder with input.txt (Tiny Shakespeare)",
-            "amp": "auto | bf16 | fp16 | fp32 (auto: bf16 on capable GPUs, fp32 on CPU)",
-            "time_budget_min": "stop cleanly after this many minutes (resume with --resume)"}
-_TR_HELP = {"model": "transformer_multi30k | transformer_base | transformer_nano",
-            "model_args": "JSON overrides of the model config, e.g. '{\"dropout\": 0.3}'",
-            "data_dir": "folder with {train,val,TEST}.{de,en}(.gz) (Multi30k layout)",
-            "vocab_size": "joint BPE vocabulary size", "max_tokens": "tokens per batch (padded)",
-            "amp": "auto | bf16 | fp16 | fp32", "time_budget_min": "stop cleanly after this many minutes"}
+_LM_HELP = {
+    "model": "gpt_char_baby | gpt_char_mini | gpt_nano | bert_mini | bert_nano",
+    "model_args": "JSON overrides of the model config, e.g. '{\"dropout\": 0.0}'",
+    "data": "a text file or a folder with input.txt (Tiny Shakespeare)",
+    "amp": "auto | bf16 | fp16 | fp32 (auto: bf16 on capable GPUs, fp32 on CPU)",
+    "time_budget_min": "stop cleanly after this many minutes (resume with --resume)",
+}
+_TR_HELP = {
+    "model": "transformer_multi30k | transformer_base | transformer_nano",
+    "model_args": "JSON overrides of the model config, e.g. '{\"dropout\": 0.3}'",
+    "data_dir": "folder with {train,val,TEST}.{de,en}(.gz) (Multi30k layout)",
+    "vocab_size": "joint BPE vocabulary size",
+    "max_tokens": "tokens per batch (padded)",
+    "amp": "auto | bf16 | fp16 | fp32",
+    "time_budget_min": "stop cleanly after this many minutes",
+}
 
 
 # ------------------------------------------------------------------------------- lm
@@ -77,8 +85,11 @@ def register(sub) -> None:
     from ..text.train_lm import LMTrainConfig
     from ..text.train_translate import TranslateTrainConfig
 
-    lm = sub.add_parser("lm", help="character-level language models (GPT, BERT)",
-                        description="Train, sample from and inspect character-level GPT / BERT models.")
+    lm = sub.add_parser(
+        "lm",
+        help="character-level language models (GPT, BERT)",
+        description="Train, sample from and inspect character-level GPT / BERT models.",
+    )
     lm_sub = lm.add_subparsers(dest="lm_command", metavar="{train,sample,attention}")
     lm.set_defaults(func=lambda args: lm.print_help() or 2)
 
@@ -106,8 +117,13 @@ def register(sub) -> None:
     a.add_argument("--layer", type=int, default=-1, help="layer to draw (default: the last)")
     a.set_defaults(func=run_lm_attention)
 
-    tr = sub.add_parser("translate", help="train a translation model, or translate with one", add_help=False,
-                        usage=TRANSLATE_USAGE.split("\n", 1)[0][len("usage: "):])
+    tr = sub.add_parser(
+        "translate",
+        help="train a translation model, or translate with one",
+        add_help=False,
+        usage=TRANSLATE_USAGE.split("\n", 1)[0][len("usage: ") :],
+    )
+    tr.add_argument("-h", "--help", action="store_true", dest="translate_help")
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=run_translate, _tr_config=TranslateTrainConfig)
 
@@ -123,8 +139,16 @@ def run_lm_train(args) -> int:
 def run_lm_sample(args) -> int:
     from ..text.train_lm import sample
 
-    text = sample(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k or None, seed=args.seed, device=args.device, use_cache=not args.no_cache)
+    text = sample(
+        args.run,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=args.seed,
+        device=args.device,
+        use_cache=not args.no_cache,
+    )
     print(text)
     return 0
 
@@ -135,8 +159,10 @@ def run_lm_attention(args) -> int:
 
     model, tok, _ = load_lm(args.run)
     report = text_attention_report(model, tok, args.text)
-    print(f"{len(report['tokens'])} tokens; entropy in nats (uniform over the visible keys = "
-          f"{report['uniform_entropy']:.2f}), distance in tokens")
+    print(
+        f"{len(report['tokens'])} tokens; entropy in nats (uniform over the visible keys = "
+        f"{report['uniform_entropy']:.2f}), distance in tokens"
+    )
     for layer, ent, dist in zip(report["layers"], report["entropy"], report["distance"]):
         cells = "  ".join(f"h{h}: {e:.2f} / {d:.1f}" for h, (e, d) in enumerate(zip(ent, dist)))
         print(f"{layer:20s} {cells}")
@@ -150,9 +176,11 @@ def run_lm_attention(args) -> int:
 
 # ------------------------------------------------------------------------------- translate
 def _translate_train_parser(cls) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitlens translate train",
-                                description="Train the encoder-decoder Transformer (joint BPE, label smoothing, "
-                                            "Noam warmup); ends with test BLEU, greedy and beam search.")
+    p = argparse.ArgumentParser(
+        prog="vitlens translate train",
+        description="Train the encoder-decoder Transformer (joint BPE, label smoothing, "
+        "Noam warmup); ends with test BLEU, greedy and beam search.",
+    )
     p.add_argument("--config", help="YAML/JSON TranslateTrainConfig file; flags override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_dataclass_arguments(p, cls, _TR_HELP)
@@ -175,9 +203,9 @@ def _translate_parser() -> argparse.ArgumentParser:
 
 def run_translate(args) -> int:
     rest = list(args.rest)
-    if not rest or rest[0] in ("-h", "--help"):
+    if args.translate_help or not rest:
         print(TRANSLATE_USAGE)
-        return 0 if rest else 2
+        return 0 if args.translate_help else 2
     if rest[0] == "train":
         from ..text.train_translate import train_translate
 
@@ -199,8 +227,9 @@ def _decode(a) -> int:
         raise ValueError("--ref needs --file (the references must align with the file's lines)")
     model, tok, _ = load_translator(a.run, a.device)
     sentences = list(a.text) + (read_lines(a.file) if a.file else [])
-    hyps = translate(model, tok, sentences, beam_size=a.beam, alpha=a.alpha, batch_size=a.batch_size,
-                     device=a.device)
+    hyps = translate(
+        model, tok, sentences, beam_size=a.beam, alpha=a.alpha, batch_size=a.batch_size, device=a.device
+    )
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             f.write("\n".join(hyps) + "\n")
@@ -208,7 +237,10 @@ def _decode(a) -> int:
         sys.stdout.write("\n".join(hyps) + "\n")
     if a.ref:
         refs = read_lines(a.ref)
-        file_hyps = hyps[len(a.text):]
-        print(f"BLEU = {corpus_bleu(file_hyps, refs):.2f} (sacreBLEU, detokenized, {len(refs)} sentences, "
-              f"beam {a.beam})", file=sys.stderr)
+        file_hyps = hyps[len(a.text) :]
+        print(
+            f"BLEU = {corpus_bleu(file_hyps, refs):.2f} (sacreBLEU, detokenized, {len(refs)} sentences, "
+            f"beam {a.beam})",
+            file=sys.stderr,
+        )
     return 0

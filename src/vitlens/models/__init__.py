@@ -8,3 +8,5 @@ from .vit import ViTConfig, VisionTransformer
 
 __all__ = ["create_model", "list_models", "register_model", "ResNet", "ResNetConfig", "ViTConfig",
            "VisionTransformer"]
+
+from ..tokenizers import models as _tokenizer_models  # noqa: E402,F401  (ViTs with pixel/vq/hybrid tokens)

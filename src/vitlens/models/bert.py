@@ -49,8 +49,14 @@ class Bert(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(
-            Block(D, cfg.num_heads, cfg.mlp_ratio, proj_drop=cfg.dropout, attn_drop=cfg.dropout,
-                  norm_first=cfg.norm_first)
+            Block(
+                D,
+                cfg.num_heads,
+                cfg.mlp_ratio,
+                proj_drop=cfg.dropout,
+                attn_drop=cfg.dropout,
+                norm_first=cfg.norm_first,
+            )
             for _ in range(cfg.depth)
         )
         self.norm = LayerNorm(D) if cfg.norm_first else nn.Identity()  # post-norm blocks end normalised
@@ -78,7 +84,9 @@ class Bert(nn.Module):
     def padding_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return ids == self.cfg.pad_id  # (B, T) True = padding
 
-    def forward_features(self, ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(
+        self, ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids (B, T) -> contextual states (B, T, D). Padding (``pad_id`` unless a mask is given)
         is never attended to."""
         if ids.dim() != 2:
@@ -113,9 +121,16 @@ class Bert(nn.Module):
         return asdict(self.cfg)
 
 
-def mask_tokens(ids: torch.Tensor, *, vocab_size: int, mask_id: int, special_mask: torch.Tensor | None = None,
-                mlm_prob: float = 0.15, random_low: int = 0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    *,
+    vocab_size: int,
+    mask_id: int,
+    special_mask: torch.Tensor | None = None,
+    mlm_prob: float = 0.15,
+    random_low: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's corruption: returns ``(inputs, labels)``; labels are -100 except at chosen positions.
 
     ``mlm_prob`` of the non-special tokens are chosen; of those 80% become ``mask_id``, 10% a

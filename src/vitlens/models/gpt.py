@@ -52,7 +52,9 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_embed = HookPoint()  # residual stream entering block 0
         self.blocks = nn.ModuleList(
-            Block(D, cfg.n_head, cfg.mlp_ratio, qkv_bias=cfg.bias, proj_drop=cfg.dropout, attn_drop=cfg.dropout)
+            Block(
+                D, cfg.n_head, cfg.mlp_ratio, qkv_bias=cfg.bias, proj_drop=cfg.dropout, attn_drop=cfg.dropout
+            )
             for _ in range(cfg.n_layer)
         )
         self.norm = LayerNorm(D)
@@ -74,8 +76,9 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     # -- forward ---------------------------------------------------------------------------
-    def forward_features(self, idx: torch.Tensor, *, kv_cache: list[dict] | None = None,
-                         start_pos: int = 0) -> torch.Tensor:
+    def forward_features(
+        self, idx: torch.Tensor, *, kv_cache: list[dict] | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
         """Token ids (B, T) -> final-norm hidden states (B, T, D).
 
         With ``kv_cache`` (one dict per block) the ids are the *new* tokens and ``start_pos``
@@ -85,8 +88,10 @@ class GPT(nn.Module):
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(idx.shape)}")
         T = idx.shape[1]
         if start_pos + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the context of {self.cfg.block_size}; "
-                             "crop it to the last block_size tokens")
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens exceeds the context of {self.cfg.block_size}; "
+                "crop it to the last block_size tokens"
+            )
         if kv_cache is not None and len(kv_cache) != len(self.blocks):
             raise ValueError(f"kv_cache needs one dict per block ({len(self.blocks)}), got {len(kv_cache)}")
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)
@@ -111,9 +116,16 @@ class GPT(nn.Module):
 
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T). ``temperature=0`` is greedy."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -136,8 +148,12 @@ class GPT(nn.Module):
         return asdict(self.cfg)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, vocab) logits -> (B, 1) next tokens: greedy at temperature 0, else top-k sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)

@@ -41,8 +41,10 @@ class Seq2SeqConfig:
 
     def __post_init__(self):
         if self.share_src_tgt_embed and self.src_vocab_size != self.tgt_vocab_size:
-            raise ValueError("share_src_tgt_embed needs one joint vocabulary (src_vocab_size == tgt_vocab_size); "
-                             "set share_src_tgt_embed=False for separate vocabularies")
+            raise ValueError(
+                "share_src_tgt_embed needs one joint vocabulary (src_vocab_size == tgt_vocab_size); "
+                "set share_src_tgt_embed=False for separate vocabularies"
+            )
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -51,8 +53,11 @@ class Seq2SeqTransformer(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab_size, D, padding_idx=cfg.pad_id)
-        self.src_embed = self.tgt_embed if cfg.share_src_tgt_embed else nn.Embedding(cfg.src_vocab_size, D,
-                                                                                     padding_idx=cfg.pad_id)
+        self.src_embed = (
+            self.tgt_embed
+            if cfg.share_src_tgt_embed
+            else nn.Embedding(cfg.src_vocab_size, D, padding_idx=cfg.pad_id)
+        )
         self.register_buffer("pos_table", sincos_1d(cfg.max_len, D), persistent=False)  # (max_len, D)
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_src_embed = HookPoint()
@@ -60,7 +65,9 @@ class Seq2SeqTransformer(nn.Module):
         mlp_ratio = cfg.mlp_dim / D
         kw = dict(proj_drop=cfg.dropout, attn_drop=cfg.dropout, norm_first=cfg.norm_first)
         self.encoder = nn.ModuleList(Block(D, cfg.num_heads, mlp_ratio, **kw) for _ in range(cfg.enc_layers))
-        self.decoder = nn.ModuleList(CrossBlock(D, cfg.num_heads, mlp_ratio, **kw) for _ in range(cfg.dec_layers))
+        self.decoder = nn.ModuleList(
+            CrossBlock(D, cfg.num_heads, mlp_ratio, **kw) for _ in range(cfg.dec_layers)
+        )
         # Pre-norm stacks need a final norm; post-norm blocks already end in one.
         self.enc_norm = LayerNorm(D) if cfg.norm_first else nn.Identity()
         self.dec_norm = LayerNorm(D) if cfg.norm_first else nn.Identity()
@@ -85,9 +92,11 @@ class Seq2SeqTransformer(nn.Module):
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         T = ids.shape[1]
         if start_pos + T > self.cfg.max_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_len {self.cfg.max_len}; "
-                             "truncate the input or build the model with a larger max_len")
-        pos = self.pos_table[start_pos:start_pos + T]  # (T, D)
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens exceeds max_len {self.cfg.max_len}; "
+                "truncate the input or build the model with a larger max_len"
+            )
+        pos = self.pos_table[start_pos : start_pos + T]  # (T, D)
         return self.drop(emb(ids) * math.sqrt(self.cfg.d_model) + pos)
 
     def padding_mask(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -101,9 +110,16 @@ class Seq2SeqTransformer(nn.Module):
             x = blk(x, key_padding_mask=src_padding_mask)
         return self.enc_norm(x)
 
-    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_padding_mask: torch.Tensor | None = None, *,
-               tgt_padding_mask: torch.Tensor | None = None, kv_cache: list[dict] | None = None,
-               start_pos: int = 0) -> torch.Tensor:
+    def decode(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        src_padding_mask: torch.Tensor | None = None,
+        *,
+        tgt_padding_mask: torch.Tensor | None = None,
+        kv_cache: list[dict] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         """Target ids (B, T) (shifted right: <s> first) -> decoder states (B, T, D).
 
         With ``kv_cache`` (one dict per decoder block) ``tgt`` holds only the new tokens and
@@ -112,8 +128,14 @@ class Seq2SeqTransformer(nn.Module):
         """
         x = self.hook_tgt_embed(self._embed(self.tgt_embed, tgt, start_pos))
         for i, blk in enumerate(self.decoder):
-            x = blk(x, memory, key_padding_mask=tgt_padding_mask, context_padding_mask=src_padding_mask,
-                    is_causal=True, kv_cache=None if kv_cache is None else kv_cache[i])
+            x = blk(
+                x,
+                memory,
+                key_padding_mask=tgt_padding_mask,
+                context_padding_mask=src_padding_mask,
+                is_causal=True,
+                kv_cache=None if kv_cache is None else kv_cache[i],
+            )
         return self.dec_norm(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,12 +167,34 @@ def transformer_multi30k(**kw):
 @register_model
 def transformer_base(**kw):
     """The paper's base model: 6 + 6 layers, d=512, MLP 2048, 8 heads."""
-    return _s2s(dict(d_model=512, mlp_dim=2048, num_heads=8, enc_layers=6, dec_layers=6, src_vocab_size=37000,
-                     tgt_vocab_size=37000), kw)
+    return _s2s(
+        dict(
+            d_model=512,
+            mlp_dim=2048,
+            num_heads=8,
+            enc_layers=6,
+            dec_layers=6,
+            src_vocab_size=37000,
+            tgt_vocab_size=37000,
+        ),
+        kw,
+    )
 
 
 @register_model
 def transformer_nano(**kw):
     """1 + 1 layers, d=32, 2 heads, vocab 64: for tests."""
-    return _s2s(dict(d_model=32, mlp_dim=64, num_heads=2, enc_layers=1, dec_layers=1, src_vocab_size=64,
-                     tgt_vocab_size=64, dropout=0.0, max_len=64), kw)
+    return _s2s(
+        dict(
+            d_model=32,
+            mlp_dim=64,
+            num_heads=2,
+            enc_layers=1,
+            dec_layers=1,
+            src_vocab_size=64,
+            tgt_vocab_size=64,
+            dropout=0.0,
+            max_len=64,
+        ),
+        kw,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -178,6 +179,9 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
     t0 = time.perf_counter()
     train_full, test_ds, info = build_data(cfg.data, cfg.data_dir)
     records = train_all(cfg, study_dir, len(train_full), log)
+    tokenizer_rows = tokenizer_comparison(cfg, study_dir, len(train_full), log)
+    if int(os.environ.get("RANK", "0")) > 0:
+        return study_dir / "report.html"  # under torchrun, rank 0 alone analyses and reports
     results = {
         "title": cfg.title,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -186,7 +190,7 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
                     "num_classes": info.num_classes, "img_size": info.img_size},
         "runs": records,
         **analyse(cfg, study_dir, records, log),
-        "tokenizers": tokenizer_comparison(cfg, study_dir, len(train_full), log),
+        "tokenizers": tokenizer_rows,
     }
     results["elapsed_s"] = time.perf_counter() - t0
     (study_dir / "results.json").write_text(json.dumps(results, indent=1))

@@ -8,5 +8,16 @@ from .decode import beam_search, corpus_bleu, greedy_decode, translate
 from .train_lm import LMTrainConfig, load_lm, sample, train_lm
 from .train_translate import TranslateTrainConfig, load_translator, train_translate
 
-__all__ = ["beam_search", "corpus_bleu", "greedy_decode", "translate", "LMTrainConfig", "load_lm", "sample",
-           "train_lm", "TranslateTrainConfig", "load_translator", "train_translate"]
+__all__ = [
+    "beam_search",
+    "corpus_bleu",
+    "greedy_decode",
+    "translate",
+    "LMTrainConfig",
+    "load_lm",
+    "sample",
+    "train_lm",
+    "TranslateTrainConfig",
+    "load_translator",
+    "train_translate",
+]

@@ -52,7 +52,9 @@ def _query_weights(probs: torch.Tensor, query_padding_mask: torch.Tensor | None)
     if query_padding_mask is None:
         return torch.ones(B, 1, L, dtype=torch.float64, device=probs.device)
     if query_padding_mask.shape != (B, L):
-        raise ValueError(f"query_padding_mask must be (B, L) = {(B, L)}, got {tuple(query_padding_mask.shape)}")
+        raise ValueError(
+            f"query_padding_mask must be (B, L) = {(B, L)}, got {tuple(query_padding_mask.shape)}"
+        )
     return (~query_padding_mask).double()[:, None, :].to(probs.device)
 
 
@@ -66,8 +68,9 @@ def head_entropy(probs: torch.Tensor, query_padding_mask: torch.Tensor | None = 
     return (ent * w).sum(dim=(0, 2)) / w.sum().clamp_min(1.0)
 
 
-def head_distance(probs: torch.Tensor, query_padding_mask: torch.Tensor | None = None,
-                  query_offset: int | None = None) -> torch.Tensor:
+def head_distance(
+    probs: torch.Tensor, query_padding_mask: torch.Tensor | None = None, query_offset: int | None = None
+) -> torch.Tensor:
     """(heads,) mean attention distance in tokens over real queries; self-attention probs (B, heads, L, S)."""
     if probs.dim() != 4:
         raise ValueError(f"expected probabilities (B, heads, L, S), got {tuple(probs.shape)}")
@@ -102,8 +105,10 @@ def text_attention_report(model: nn.Module, tok, text: str) -> dict:
     from ..models.gpt import GPT
 
     if not isinstance(model, (GPT, Bert)):
-        raise ValueError(f"{type(model).__name__} is not a GPT or BERT; for other models use text_attention "
-                         "with head_entropy / head_distance")
+        raise ValueError(
+            f"{type(model).__name__} is not a GPT or BERT; for other models use text_attention "
+            "with head_entropy / head_distance"
+        )
     ids = _ids_for(model, tok, text)
     L = ids.shape[1]
     probs = text_attention(model, ids)
@@ -146,5 +151,12 @@ def plot_text_attention(report: dict, layer: int | str, path: str, max_heads: in
     plt.close(fig)
 
 
-__all__ = ["text_attention", "token_distances", "head_entropy", "head_distance", "self_attention_layers",
-           "text_attention_report", "plot_text_attention"]
+__all__ = [
+    "text_attention",
+    "token_distances",
+    "head_entropy",
+    "head_distance",
+    "self_attention_layers",
+    "text_attention_report",
+    "plot_text_attention",
+]

@@ -49,8 +49,10 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         unknown = sorted(set(text) - set(self.chars))
         if unknown:
-            raise ValueError(f"characters {unknown} are not in the model's vocabulary of {len(self.chars)} "
-                             "characters; remove them from the prompt")
+            raise ValueError(
+                f"characters {unknown} are not in the model's vocabulary of {len(self.chars)} "
+                "characters; remove them from the prompt"
+            )
         return [self.stoi[c] for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -58,7 +60,9 @@ class CharTokenizer:
         return "".join(self.itos[i] for i in ids if i >= n)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"type": "char", "specials": self.specials, "chars": self.chars}) + "\n")
+        Path(path).write_text(
+            json.dumps({"type": "char", "specials": self.specials, "chars": self.chars}) + "\n"
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
@@ -74,12 +78,19 @@ def resolve_text_file(path: str | Path | None) -> Path:
     if path.is_dir():
         path = path / "input.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist (expected a .txt file or a folder with input.txt)")
+        raise FileNotFoundError(
+            f"text file {path} does not exist (expected a .txt file or a folder with input.txt)"
+        )
     return path
 
 
-def load_char_corpus(path: str | Path | None, *, val_fraction: float = 0.1, specials: Sequence[str] = (),
-                     max_chars: int | None = None) -> tuple[torch.Tensor, torch.Tensor, CharTokenizer]:
+def load_char_corpus(
+    path: str | Path | None,
+    *,
+    val_fraction: float = 0.1,
+    specials: Sequence[str] = (),
+    max_chars: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, CharTokenizer]:
     """-> (train ids, val ids, tokenizer): first ``1 - val_fraction`` of the text trains, the rest validates.
 
     The vocabulary is every character of the whole file (as in nanoGPT), so validation has no
@@ -94,8 +105,9 @@ def load_char_corpus(path: str | Path | None, *, val_fraction: float = 0.1, spec
     return ids[:n], ids[n:], tok
 
 
-def random_windows(data: torch.Tensor, block_size: int, batch_size: int,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_windows(
+    data: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GPT batches: ``batch_size`` random windows -> inputs (B, T) and next-token targets (B, T)."""
     if len(data) <= block_size:
         raise ValueError(f"text of {len(data)} tokens is too short for windows of {block_size} + 1")
@@ -105,8 +117,9 @@ def random_windows(data: torch.Tensor, block_size: int, batch_size: int,
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def cls_windows(data: torch.Tensor, length: int, batch_size: int, cls_id: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def cls_windows(
+    data: torch.Tensor, length: int, batch_size: int, cls_id: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """BERT batches: random windows of ``length - 1`` tokens behind a [CLS] token -> (B, length)."""
     x, _ = random_windows(data, length - 1, batch_size, generator)
     return torch.cat([torch.full((batch_size, 1), cls_id, dtype=x.dtype), x], dim=1)
@@ -129,8 +142,12 @@ def train_bpe(texts: Sequence[str], vocab_size: int = 8000, min_frequency: int =
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=SUBWORD_SPECIALS, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SUBWORD_SPECIALS,
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     for i, s in enumerate(SUBWORD_SPECIALS):
         assert tok.token_to_id(s) == i, "special tokens must take ids 0..3"
@@ -156,8 +173,13 @@ def read_lines(path: str | Path) -> list[str]:
         return [line.rstrip("\n") for line in f]
 
 
-def load_parallel(data_dir: str | Path | None, split: str, src_lang: str = "de", tgt_lang: str = "en",
-                  limit: int | None = None) -> tuple[list[str], list[str]]:
+def load_parallel(
+    data_dir: str | Path | None,
+    split: str,
+    src_lang: str = "de",
+    tgt_lang: str = "en",
+    limit: int | None = None,
+) -> tuple[list[str], list[str]]:
     """Aligned sentences of ``{split}.{lang}[.gz]`` in ``data_dir`` (the Multi30k layout)."""
     if data_dir is None:
         raise ValueError("no data directory; pass --data-dir (e.g. ../shared/data/multi30k)")
@@ -167,16 +189,22 @@ def load_parallel(data_dir: str | Path | None, split: str, src_lang: str = "de",
         for name in (f"{split}.{lang}.gz", f"{split}.{lang}"):
             if (data_dir / name).is_file():
                 return data_dir / name
-        raise FileNotFoundError(f"{data_dir} has no {split}.{lang}(.gz); expected the Multi30k layout "
-                                "train/val/test_2016_flickr.{de,en}.gz")
+        raise FileNotFoundError(
+            f"{data_dir} has no {split}.{lang}(.gz); expected the Multi30k layout "
+            "train/val/test_2016_flickr.{de,en}.gz"
+        )
 
     src, tgt = read_lines(find(src_lang)), read_lines(find(tgt_lang))
     if len(src) != len(tgt):
-        raise ValueError(f"{split}: {len(src)} {src_lang} lines but {len(tgt)} {tgt_lang} lines; files must align")
+        raise ValueError(
+            f"{split}: {len(src)} {src_lang} lines but {len(tgt)} {tgt_lang} lines; files must align"
+        )
     return (src[:limit], tgt[:limit]) if limit else (src, tgt)
 
 
-def encode_pairs(tok, src: Sequence[str], tgt: Sequence[str], max_len: int) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(
+    tok, src: Sequence[str], tgt: Sequence[str], max_len: int
+) -> list[tuple[list[int], list[int]]]:
     """Subword ids per pair; the target gets <s> ... </s>. Pairs longer than ``max_len`` are dropped."""
     pairs = []
     for s, t in zip(tok.encode_batch(list(src)), tok.encode_batch(list(tgt))):
@@ -200,7 +228,7 @@ def token_batches(lengths: Sequence[int], max_tokens: int, *, seed: int | None =
         rng = random.Random(seed)
         rng.shuffle(idx)
         pool = max(1, 100 * max_tokens // max(1, int(sum(lengths) / max(1, len(lengths)))))
-        pools = [sorted(idx[i:i + pool], key=lambda j: lengths[j]) for i in range(0, len(idx), pool)]
+        pools = [sorted(idx[i : i + pool], key=lambda j: lengths[j]) for i in range(0, len(idx), pool)]
     batches = []
     for pool in pools:
         batch, longest = [], 0
@@ -223,12 +251,13 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> torch.Tensor:
     T = max(len(s) for s in seqs)
     out = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
 
 
-def epoch_batch_indices(pairs, max_tokens: int, seed: int, epoch: int, rank: int = 0,
-                        world_size: int = 1) -> list[list[int]]:
+def epoch_batch_indices(
+    pairs, max_tokens: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
     """One epoch's batches of pair indices, shuffled by (seed, epoch); each process takes every
     ``world_size``-th batch (all get the same count)."""
     lengths = [max(len(s), len(t)) for s, t in pairs]
@@ -241,8 +270,9 @@ def collate_pairs(pairs, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Te
     return pad_batch([pairs[i][0] for i in indices]), pad_batch([pairs[i][1] for i in indices])
 
 
-def epoch_batches(pairs, max_tokens: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_batches(
+    pairs, max_tokens: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The batches of :func:`epoch_batch_indices`, collated."""
     for b in epoch_batch_indices(pairs, max_tokens, seed, epoch, rank, world_size):
         yield collate_pairs(pairs, b)

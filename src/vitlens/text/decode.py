@@ -32,8 +32,9 @@ def _max_steps(model, src: torch.Tensor, max_len: int | None) -> int:
 
 
 @torch.no_grad()
-def greedy_decode(model, src: torch.Tensor, *, max_len: int | None = None, bos: int = BOS,
-                  eos: int = EOS, pad: int = PAD) -> torch.Tensor:
+def greedy_decode(
+    model, src: torch.Tensor, *, max_len: int | None = None, bos: int = BOS, eos: int = EOS, pad: int = PAD
+) -> torch.Tensor:
     """Source ids (B, S) -> output ids (B, T) without <s>; </s> then padding after each sentence ends."""
     src_mask = model.padding_mask(src)
     memory = model.encode(src, src_mask)
@@ -53,8 +54,17 @@ def greedy_decode(model, src: torch.Tensor, *, max_len: int | None = None, bos: 
 
 
 @torch.no_grad()
-def beam_search(model, src: torch.Tensor, *, beam_size: int = 4, alpha: float = 0.6, max_len: int | None = None,
-                bos: int = BOS, eos: int = EOS, pad: int = PAD) -> torch.Tensor:
+def beam_search(
+    model,
+    src: torch.Tensor,
+    *,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    max_len: int | None = None,
+    bos: int = BOS,
+    eos: int = EOS,
+    pad: int = PAD,
+) -> torch.Tensor:
     """Source ids (B, S) -> the best hypothesis per sentence (B, T), same layout as ``greedy_decode``."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -111,15 +121,24 @@ def strip_ids(ids: Sequence[int], eos: int = EOS, pad: int = PAD) -> list[int]:
 
 
 @torch.no_grad()
-def translate(model, tokenizer, sentences: Sequence[str], *, beam_size: int = 1, alpha: float = 0.6,
-              batch_size: int = 64, device: torch.device | str = "cpu", max_len: int | None = None) -> list[str]:
+def translate(
+    model,
+    tokenizer,
+    sentences: Sequence[str],
+    *,
+    beam_size: int = 1,
+    alpha: float = 0.6,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    max_len: int | None = None,
+) -> list[str]:
     """Translate raw sentences to detokenized text (beam_size 1: greedy). Batches by length, keeps order."""
     model.eval()
     encoded = [e.ids[: model.cfg.max_len - 1] + [EOS] for e in tokenizer.encode_batch(list(sentences))]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         src = pad_batch([encoded[i] for i in idx]).to(device)
         if beam_size == 1:
             ys = greedy_decode(model, src, max_len=max_len)

@@ -27,8 +27,20 @@ from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from ..train.trainer import MetricsLog, autocast_dtype, param_groups, resolve_device
 
-__all__ = ["LAST", "Run", "start_run", "save_state", "restore_state", "all_reduce_sum", "barrier", "cleanup",
-           "param_groups", "config_from_dict", "count_params", "step_seed"]
+__all__ = [
+    "LAST",
+    "Run",
+    "start_run",
+    "save_state",
+    "restore_state",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "param_groups",
+    "config_from_dict",
+    "count_params",
+    "step_seed",
+]
 
 LAST = "checkpoints/last.safetensors"
 
@@ -64,26 +76,39 @@ def start_run(cfg, *, resume: bool) -> Run:
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
     if (run_dir / LAST).exists() and not resume:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise ValueError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     barrier(dinfo)
-    return Run(run_dir, device, dinfo, autocast_dtype(cfg.amp, device), MetricsLog(run_dir, dinfo.is_main),
-               time.perf_counter())
+    return Run(
+        run_dir,
+        device,
+        dinfo,
+        autocast_dtype(cfg.amp, device),
+        MetricsLog(run_dir, dinfo.is_main),
+        time.perf_counter(),
+    )
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step * 9_973 + rank * 101) % (2**31)
 
 
-def save_state(run: Run, model: nn.Module, optimizer, scheduler, *, meta: dict, step: int,
-               extra: dict | None = None) -> None:
+def save_state(
+    run: Run, model: nn.Module, optimizer, scheduler, *, meta: dict, step: int, extra: dict | None = None
+) -> None:
     """Atomic checkpoint of everything needed to continue (main process only)."""
     if not run.dist.is_main:
         return
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-             **(extra or {})}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        **(extra or {}),
+    }
     save_checkpoint(run.dir / LAST, model.state_dict(), meta={**meta, "step": step}, state=state)
 
 

@@ -77,19 +77,28 @@ class LMObjective(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 
 
-def _batch(data, tok: CharTokenizer, model, cfg: LMTrainConfig, T: int, batch_size: int,
-           g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    data, tok: CharTokenizer, model, cfg: LMTrainConfig, T: int, batch_size: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(model, Bert):
         ids = cls_windows(data, T, batch_size, tok.token_id("[CLS]"), g)
         special = ids == tok.token_id("[CLS]")
-        return mask_tokens(ids, vocab_size=tok.vocab_size, mask_id=tok.token_id("[MASK]"), special_mask=special,
-                           mlm_prob=cfg.mlm_prob, random_low=len(tok.specials), generator=g)
+        return mask_tokens(
+            ids,
+            vocab_size=tok.vocab_size,
+            mask_id=tok.token_id("[MASK]"),
+            special_mask=special,
+            mlm_prob=cfg.mlm_prob,
+            random_low=len(tok.specials),
+            generator=g,
+        )
     return random_windows(data, T, batch_size, g)
 
 
 @torch.no_grad()
-def evaluate_lm(objective: LMObjective, data, tok, cfg: LMTrainConfig, T: int, run: R.Run, iters: int,
-                batch_size: int) -> float:
+def evaluate_lm(
+    objective: LMObjective, data, tok, cfg: LMTrainConfig, T: int, run: R.Run, iters: int, batch_size: int
+) -> float:
     """Mean loss over ``iters`` fixed random validation batches (same seed every call)."""
     was = objective.training
     objective.eval()
@@ -113,10 +122,16 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
     # ---- data: characters; BERT gets [PAD] [MASK] [CLS] [SEP] in front of them
     probe = create_model(cfg.model, **cfg.model_args)
     if not isinstance(probe, (GPT, Bert)):
-        raise ValueError(f"{cfg.model} is not a language model; `vitlens lm train` takes gpt_* or bert_* models")
+        raise ValueError(
+            f"{cfg.model} is not a language model; `vitlens lm train` takes gpt_* or bert_* models"
+        )
     masked = isinstance(probe, Bert)
-    train_ids, val_ids, tok = load_char_corpus(cfg.data, val_fraction=cfg.val_fraction,
-                                               specials=BERT_SPECIALS if masked else (), max_chars=cfg.max_chars)
+    train_ids, val_ids, tok = load_char_corpus(
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        specials=BERT_SPECIALS if masked else (),
+        max_chars=cfg.max_chars,
+    )
     context = probe.cfg.max_len if masked else probe.cfg.block_size
     T = cfg.block_size or context
     if T > context:
@@ -129,12 +144,19 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
     margs = {**cfg.model_args, "vocab_size": tok.vocab_size}
     model = create_model(cfg.model, **margs).to(dev)
     objective = LMObjective(model)
-    optimizer = torch.optim.AdamW(R.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
-                                  fused=dev.type == "cuda")
-    scheduler = warmup_cosine(optimizer, total_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, base_lr=cfg.lr,
-                              min_lr=cfg.min_lr)
-    meta = {"model": cfg.model, "model_args": margs, "task": "mlm" if masked else "causal_lm",
-            "tokenizer": "chars.json", "block_size": T}
+    optimizer = torch.optim.AdamW(
+        R.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2), fused=dev.type == "cuda"
+    )
+    scheduler = warmup_cosine(
+        optimizer, total_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, base_lr=cfg.lr, min_lr=cfg.min_lr
+    )
+    meta = {
+        "model": cfg.model,
+        "model_args": margs,
+        "task": "mlm" if masked else "causal_lm",
+        "tokenizer": "chars.json",
+        "block_size": T,
+    }
     step, train_time = 0, 0.0
     if resume and (run.dir / R.LAST).exists():
         state = R.restore_state(run, model, optimizer, scheduler)
@@ -149,7 +171,9 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
     # ---- steps
     n_params = R.count_params(model)
     g = torch.Generator()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.model, disable=not (cfg.progress and dinfo.is_main))
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, desc=cfg.model, disable=not (cfg.progress and dinfo.is_main)
+    )
     record: dict = {}
     tokens_seen, t0 = 0, time.perf_counter()
     while step < cfg.max_steps:
@@ -160,7 +184,9 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
         with run.autocast():
             loss = step_fn(x, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or use --amp fp32")
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {step}; lower --lr or use --amp fp32"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -171,8 +197,11 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
         tokens_seen += x.numel() * dinfo.world_size
         elapsed = time.perf_counter() - t0
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}",
-                        lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            tok_s=f"{tokens_seen / elapsed:.0f}",
+            lr=f"{scheduler.get_last_lr()[0]:.1e}",
+        )
 
         # ---- evaluate + checkpoint every eval_every steps, at the end, and when time is up
         out_of_time = run.out_of_time(cfg.time_budget_min)
@@ -180,23 +209,41 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
             train_time += elapsed
             tok_s = tokens_seen / max(elapsed, 1e-9)
             val = evaluate_lm(objective, val_ids, tok, cfg, T, run, cfg.eval_iters, local_bs)
-            record = {"step": step, "lr": scheduler.get_last_lr()[0], "train_loss": loss.item(), "val_loss": val,
-                      "tokens_per_s": tok_s, "train_time_s": train_time}
+            record = {
+                "step": step,
+                "lr": scheduler.get_last_lr()[0],
+                "train_loss": loss.item(),
+                "val_loss": val,
+                "tokens_per_s": tok_s,
+                "train_time_s": train_time,
+            }
             run.log.write(record)
             if cfg.progress and dinfo.is_main:
                 tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss {val:.4f}")
-            R.save_state(run, model, optimizer, scheduler, meta=meta, step=step, extra={"train_time": train_time})
+            R.save_state(
+                run, model, optimizer, scheduler, meta=meta, step=step, extra={"train_time": train_time}
+            )
             R.barrier(dinfo)
             tokens_seen, t0 = 0, time.perf_counter()
             if out_of_time and step < cfg.max_steps:
                 break
     bar.close()
 
-    summary = {"finished": step >= cfg.max_steps, "model": cfg.model, "task": meta["task"], "params": n_params,
-               "steps": step, "batch_size": cfg.batch_size, "block_size": T, "train_time_s": train_time,
-               "val_loss": record.get("val_loss"), "train_loss": record.get("train_loss"),
-               "device": str(dev), "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",
-               "world_size": dinfo.world_size}
+    summary = {
+        "finished": step >= cfg.max_steps,
+        "model": cfg.model,
+        "task": meta["task"],
+        "params": n_params,
+        "steps": step,
+        "batch_size": cfg.batch_size,
+        "block_size": T,
+        "train_time_s": train_time,
+        "val_loss": record.get("val_loss"),
+        "train_loss": record.get("train_loss"),
+        "device": str(dev),
+        "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",
+        "world_size": dinfo.world_size,
+    }
     if dinfo.is_main:
         (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.log.close()
@@ -216,9 +263,17 @@ def load_lm(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device), CharTokenizer.load(run_dir / "chars.json"), meta
 
 
-def sample(run_dir: str | Path, prompt: str = "\n", *, max_new_tokens: int = 500, temperature: float = 0.8,
-           top_k: int | None = 200, seed: int = 0, device: str | torch.device = "cpu",
-           use_cache: bool = True) -> str:
+def sample(
+    run_dir: str | Path,
+    prompt: str = "\n",
+    *,
+    max_new_tokens: int = 500,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    use_cache: bool = True,
+) -> str:
     """Continue ``prompt`` with a trained GPT run; returns prompt + continuation."""
     model, tok, meta = load_lm(run_dir, device)
     if not isinstance(model, GPT):
@@ -227,6 +282,7 @@ def sample(run_dir: str | Path, prompt: str = "\n", *, max_new_tokens: int = 500
         raise ValueError("the prompt is empty; give at least one character (e.g. --prompt $'\\n')")
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, use_cache=use_cache,
-                         generator=g)
+    out = model.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, use_cache=use_cache, generator=g
+    )
     return tok.decode(out[0].tolist())

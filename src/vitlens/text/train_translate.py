@@ -24,8 +24,16 @@ from tqdm.auto import tqdm
 from ..models import create_model
 from ..models.seq2seq import Seq2SeqTransformer
 from . import run as R
-from .data import (PAD, collate_pairs, encode_pairs, epoch_batch_indices, epoch_batches, load_parallel,
-                   load_subword_tokenizer, pad_batch, train_bpe)
+from .data import (
+    PAD,
+    collate_pairs,
+    encode_pairs,
+    epoch_batch_indices,
+    epoch_batches,
+    load_parallel,
+    load_subword_tokenizer,
+    train_bpe,
+)
 from .decode import corpus_bleu, translate
 
 
@@ -76,8 +84,9 @@ def noam(optimizer: torch.optim.Optimizer, d_model: int, warmup: int, factor: fl
 def seq2seq_loss(model, src: torch.Tensor, tgt: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Teacher forcing: predict tgt[:, 1:] from tgt[:, :-1]; mean over non-padding target tokens."""
     logits = model(src, tgt[:, :-1])  # (B, T-1, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD, label_smoothing=label_smoothing
+    )
 
 
 @torch.no_grad()
@@ -86,8 +95,9 @@ def evaluate_loss(model, pairs, run: R.Run, max_tokens: int) -> float:
     was = model.training
     model.eval()
     total = count = 0.0
-    for src, tgt in epoch_batches(pairs, max_tokens, seed=0, epoch=0, rank=run.dist.rank,
-                                  world_size=run.dist.world_size):
+    for src, tgt in epoch_batches(
+        pairs, max_tokens, seed=0, epoch=0, rank=run.dist.rank, world_size=run.dist.world_size
+    ):
         n = (tgt[:, 1:] != PAD).sum().item()
         with run.autocast():
             total += seq2seq_loss(model, src.to(run.device), tgt.to(run.device)).item() * n
@@ -117,17 +127,26 @@ def train_translate(cfg: TranslateTrainConfig, *, resume: bool = False) -> dict:
     margs = {**cfg.model_args, "src_vocab_size": vocab, "tgt_vocab_size": vocab, "pad_id": PAD}
     model = create_model(cfg.model, **margs).to(dev)
     if not isinstance(model, Seq2SeqTransformer):
-        raise ValueError(f"{cfg.model} is not an encoder-decoder; `vitlens translate train` takes transformer_* models")
+        raise ValueError(
+            f"{cfg.model} is not an encoder-decoder; `vitlens translate train` takes transformer_* models"
+        )
     train_pairs = encode_pairs(tok, train_src, train_tgt, model.cfg.max_len)
     val_pairs = encode_pairs(tok, val_src, val_tgt, model.cfg.max_len)
     local_tokens = cfg.max_tokens // dinfo.world_size
 
     # ---- optimiser, schedule
-    optimizer = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9,
-                                 weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, weight_decay=cfg.weight_decay
+    )
     scheduler = noam(optimizer, model.cfg.d_model, cfg.warmup_steps, cfg.lr_factor)
-    meta = {"model": cfg.model, "model_args": margs, "task": "translation", "tokenizer": "tokenizer.json",
-            "src_lang": cfg.src_lang, "tgt_lang": cfg.tgt_lang}
+    meta = {
+        "model": cfg.model,
+        "model_args": margs,
+        "task": "translation",
+        "tokenizer": "tokenizer.json",
+        "src_lang": cfg.src_lang,
+        "tgt_lang": cfg.tgt_lang,
+    }
     step, train_time, state = 0, 0.0, {}
     if resume and (run.dir / R.LAST).exists():
         state = R.restore_state(run, model, optimizer, scheduler)
@@ -142,12 +161,16 @@ def train_translate(cfg: TranslateTrainConfig, *, resume: bool = False) -> dict:
     n_params = R.count_params(model)
     epoch = state.get("epoch", 0) if step else 0
     pos = state.get("pos", 0) if step else 0
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.model, disable=not (cfg.progress and dinfo.is_main))
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, desc=cfg.model, disable=not (cfg.progress and dinfo.is_main)
+    )
     record: dict = {}
     tokens_seen, t0 = 0, time.perf_counter()
     out_of_time = False
     while step < cfg.max_steps and not out_of_time:
-        batches = epoch_batch_indices(train_pairs, local_tokens, cfg.seed, epoch, dinfo.rank, dinfo.world_size)
+        batches = epoch_batch_indices(
+            train_pairs, local_tokens, cfg.seed, epoch, dinfo.rank, dinfo.world_size
+        )
         if not batches:
             raise ValueError(f"no training batches: {len(train_pairs)} pairs for max_tokens {cfg.max_tokens}")
         while pos < len(batches) and step < cfg.max_steps and not out_of_time:
@@ -157,7 +180,9 @@ def train_translate(cfg: TranslateTrainConfig, *, resume: bool = False) -> dict:
             with run.autocast():
                 loss = seq2seq_loss(step_model, src, tgt, cfg.label_smoothing)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr-factor or use --amp fp32")
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {step}; lower --lr-factor or use --amp fp32"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -168,25 +193,44 @@ def train_translate(cfg: TranslateTrainConfig, *, resume: bool = False) -> dict:
             tokens_seen += int((tgt[:, 1:] != PAD).sum()) * dinfo.world_size
             elapsed = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tgt_tok_s=f"{tokens_seen / elapsed:.0f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                tgt_tok_s=f"{tokens_seen / elapsed:.0f}",
+                lr=f"{scheduler.get_last_lr()[0]:.1e}",
+            )
 
             # ---- evaluate + checkpoint
             out_of_time = run.out_of_time(cfg.time_budget_min)
             if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
                 train_time += elapsed
-                record = {"step": step, "epoch": epoch + pos / len(batches), "lr": scheduler.get_last_lr()[0],
-                          "train_loss": loss.item(), "tgt_tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                          "val_loss": evaluate_loss(model, val_pairs, run, local_tokens), "train_time_s": train_time}
+                record = {
+                    "step": step,
+                    "epoch": epoch + pos / len(batches),
+                    "lr": scheduler.get_last_lr()[0],
+                    "train_loss": loss.item(),
+                    "tgt_tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    "val_loss": evaluate_loss(model, val_pairs, run, local_tokens),
+                    "train_time_s": train_time,
+                }
                 if cfg.eval_bleu and dinfo.is_main:
-                    hyps = translate(model, tok, val_src, beam_size=1, device=dev)
+                    with run.autocast():
+                        hyps = translate(model, tok, val_src, beam_size=1, device=dev)
                     model.train()
                     record["val_bleu_greedy"] = corpus_bleu(hyps, val_tgt)
                 run.log.write(record)
                 if cfg.progress and dinfo.is_main:
-                    tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-                R.save_state(run, model, optimizer, scheduler, meta=meta, step=step,
-                             extra={"train_time": train_time, "epoch": epoch, "pos": pos})
+                    tqdm.write(
+                        json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+                    )
+                R.save_state(
+                    run,
+                    model,
+                    optimizer,
+                    scheduler,
+                    meta=meta,
+                    step=step,
+                    extra={"train_time": train_time, "epoch": epoch, "pos": pos},
+                )
                 R.barrier(dinfo)
                 tokens_seen, t0 = 0, time.perf_counter()
         if pos >= len(batches):
@@ -194,25 +238,57 @@ def train_translate(cfg: TranslateTrainConfig, *, resume: bool = False) -> dict:
     bar.close()
 
     # ---- test BLEU: greedy and beam search (main process)
-    summary = {"finished": step >= cfg.max_steps, "model": cfg.model, "params": n_params, "vocab_size": vocab,
-               "steps": step, "epochs": record.get("epoch"), "max_tokens": cfg.max_tokens,
-               "train_time_s": train_time, "val_loss": record.get("val_loss"),
-               "val_bleu_greedy": record.get("val_bleu_greedy"), "device": str(dev),
-               "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",
-               "world_size": dinfo.world_size}
+    summary = {
+        "finished": step >= cfg.max_steps,
+        "model": cfg.model,
+        "params": n_params,
+        "vocab_size": vocab,
+        "steps": step,
+        "epochs": record.get("epoch"),
+        "max_tokens": cfg.max_tokens,
+        "train_time_s": train_time,
+        "val_loss": record.get("val_loss"),
+        "val_bleu_greedy": record.get("val_bleu_greedy"),
+        "device": str(dev),
+        "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",
+        "world_size": dinfo.world_size,
+    }
     if dinfo.is_main and summary["finished"]:
-        summary.update(evaluate_bleu(model, tok, cfg.data_dir, cfg.test_split, src_lang=cfg.src_lang,
-                                     tgt_lang=cfg.tgt_lang, beam_size=cfg.beam_size, alpha=cfg.length_penalty,
-                                     device=dev, limit=cfg.limit_eval, out_dir=run.dir))
+        summary.update(
+            evaluate_bleu(
+                model,
+                tok,
+                cfg.data_dir,
+                cfg.test_split,
+                src_lang=cfg.src_lang,
+                tgt_lang=cfg.tgt_lang,
+                beam_size=cfg.beam_size,
+                alpha=cfg.length_penalty,
+                device=dev,
+                limit=cfg.limit_eval,
+                out_dir=run.dir,
+            )
+        )
         (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run.log.close()
     R.cleanup(dinfo)
     return summary
 
 
-def evaluate_bleu(model, tok, data_dir, split: str, *, src_lang: str = "de", tgt_lang: str = "en",
-                  beam_size: int = 4, alpha: float = 0.6, device="cpu", limit: int | None = None,
-                  out_dir: Path | None = None) -> dict:
+def evaluate_bleu(
+    model,
+    tok,
+    data_dir,
+    split: str,
+    *,
+    src_lang: str = "de",
+    tgt_lang: str = "en",
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    device="cpu",
+    limit: int | None = None,
+    out_dir: Path | None = None,
+) -> dict:
     """Test-set BLEU with greedy decoding and with beam search; writes the hypotheses to ``out_dir``."""
     src, ref = load_parallel(data_dir, split, src_lang, tgt_lang, limit)
     result = {"test_split": split}
@@ -234,13 +310,10 @@ def load_translator(run_dir: str | Path, device: str | torch.device = "cpu"):
 
     run_dir = Path(run_dir)
     if not (run_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no tokenizer.json; is it a `vitlens translate train` run directory?")
+        raise FileNotFoundError(
+            f"{run_dir} has no tokenizer.json; is it a `vitlens translate train` run directory?"
+        )
     model, meta = load_run_model(run_dir)
     if not isinstance(model, Seq2SeqTransformer):
         raise ValueError(f"{run_dir} holds a {meta.get('model')}, not a translation model")
     return model.to(device), load_subword_tokenizer(run_dir / "tokenizer.json"), meta
-
-
-def batch_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a list of (src ids, tgt ids) into tensors (tests, notebooks)."""
-    return pad_batch([s for s, _ in pairs]), pad_batch([t for _, t in pairs])

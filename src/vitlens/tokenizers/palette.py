@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.patch_embed import to_2tuple
-from .common import CIFAR10_MEAN, CIFAR10_STD, input_stats, unnormalize
+from .common import Unnormalize, input_stats
 
 
 def _exact_cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,19 +60,21 @@ def _as_pixels(images) -> torch.Tensor:
 
 
 def fit_palette(images, k: int = 512, seed: int = 0, iters: int = 10, sample: int = 200_000) -> torch.Tensor:
-    """k-means (Lloyd) colour palette of ``images``: (k, 3) float centroids in 0..255, sorted by brightness.
+    """k-means colour palette of ``images``: (k, 3) float centroids in 0..255, sorted by brightness.
 
-    ``sample`` random pixels are clustered (iGPT also fits on a subsample); centroids start at
-    random distinct pixels, and a cluster that empties is moved to a random pixel.
+    ``sample`` random pixels are clustered (iGPT also fits on a subsample), starting from
+    k-means++ seeds (Arthur & Vassilvitskii 2007: each new seed drawn with probability
+    proportional to its squared distance from the seeds so far, which avoids two seeds in one
+    cluster), then ``iters`` Lloyd steps; a cluster that empties moves to a random pixel.
     """
     pixels = _as_pixels(images)
     g = torch.Generator().manual_seed(seed)
     if pixels.shape[0] > sample:
         pixels = pixels[torch.randperm(pixels.shape[0], generator=g)[:sample]]
-    uniq = torch.unique(pixels, dim=0)
-    if uniq.shape[0] < k:
-        raise ValueError(f"only {uniq.shape[0]} distinct colours in the sample, fewer than k={k}; lower k")
-    centroids = uniq[torch.randperm(uniq.shape[0], generator=g)[:k]].clone()  # (k, 3)
+    n_colours = torch.unique(pixels, dim=0).shape[0]
+    if n_colours < k:
+        raise ValueError(f"only {n_colours} distinct colours in the sample, fewer than k={k}; lower k")
+    centroids = _kmeans_pp(pixels, k, g)
     for _ in range(iters):
         assign = assign_palette(pixels, centroids)  # (M,)
         counts = torch.bincount(assign, minlength=k).float()
@@ -82,6 +84,16 @@ def fit_palette(images, k: int = 512, seed: int = 0, iters: int = 10, sample: in
         if empty.any():
             centroids[empty] = pixels[torch.randint(0, pixels.shape[0], (int(empty.sum()),), generator=g)]
     return centroids[centroids.sum(1).argsort()]
+
+
+def _kmeans_pp(pixels: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    centroids = torch.empty(k, 3)
+    centroids[0] = pixels[torch.randint(0, pixels.shape[0], (1,), generator=g)]
+    d2 = (pixels - centroids[0]).pow(2).sum(1)  # (M,) squared distance to the nearest seed so far
+    for i in range(1, k):
+        centroids[i] = pixels[torch.multinomial(d2, 1, generator=g)]
+        d2 = torch.minimum(d2, (pixels - centroids[i]).pow(2).sum(1))
+    return centroids
 
 
 def uniform_palette(k: int = 512) -> torch.Tensor:
@@ -120,7 +132,7 @@ class PixelTokenizer(nn.Module):
     """
 
     def __init__(self, img_size, embed_dim: int, palette: torch.Tensor, resolution: int = 16,
-                 mean=CIFAR10_MEAN, std=CIFAR10_STD):
+                 mean=None, std=None):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.resolution = resolution
@@ -131,8 +143,7 @@ class PixelTokenizer(nn.Module):
         self.num_patches = resolution * resolution
         self.patch_size = (self.img_size[0] // resolution, self.img_size[1] // resolution)  # input px per token
         self.register_buffer("palette", palette.float().clone())  # (K, 3) in 0..255
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.unnormalize = Unnormalize(mean, std)  # mean/std None: CIFAR-10's
         self.embed = nn.Embedding(palette.shape[0], embed_dim)
         nn.init.normal_(self.embed.weight, std=0.02)
 
@@ -153,7 +164,7 @@ class PixelTokenizer(nn.Module):
             raise ValueError(f"expected RGB images (B, 3, H, W), got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"pixel tokenizer built for {self.img_size} images, got {tuple(x.shape[-2:])}")
-        rgb = unnormalize(x, self.mean, self.std) * 255  # back to 0..255
+        rgb = self.unnormalize(x) * 255  # back to 0..255
         rgb = F.adaptive_avg_pool2d(rgb, self.resolution)  # box downsampling, (B, 3, r, r)
         return assign_palette(rgb.permute(0, 2, 3, 1), self.palette)  # (B, r, r)
 

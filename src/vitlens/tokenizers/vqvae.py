@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.patch_embed import to_2tuple
-from .common import CIFAR10_MEAN, CIFAR10_STD, input_stats, unnormalize
+from .common import Unnormalize, input_stats
 
 
 @dataclass
@@ -261,7 +261,7 @@ class VQTokenizer(nn.Module):
     state dict, so a saved ViT carries the exact tokenizer it was trained with.
     """
 
-    def __init__(self, img_size, embed_dim: int, vq: VQVAE, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+    def __init__(self, img_size, embed_dim: int, vq: VQVAE, mean=None, std=None):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         f = vq.cfg.downsample
@@ -273,8 +273,7 @@ class VQTokenizer(nn.Module):
         self.encoder, self.quantizer = vq.encoder, vq.quantizer  # the decoder is not needed
         for p in [*self.encoder.parameters(), *self.quantizer.parameters()]:
             p.requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.unnormalize = Unnormalize(mean, std)  # mean/std None: CIFAR-10's
         self.embed = nn.Embedding(vq.cfg.codebook_size, embed_dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.train()
@@ -290,7 +289,7 @@ class VQTokenizer(nn.Module):
         if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"VQ tokenizer built for (B, 3, {self.img_size[0]}, {self.img_size[1]}) images, "
                              f"got {tuple(x.shape)}")
-        return encode_indices(self.encoder, self.quantizer, unnormalize(x, self.mean, self.std))
+        return encode_indices(self.encoder, self.quantizer, self.unnormalize(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.tokenize(x).flatten(1))  # (B, h*w, D)

@@ -55,6 +55,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if isinstance(self.randaugment, str) and self.randaugment.lower() in ("", "none", "off"):
+            self.randaugment = None
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.amp not in ("auto", "bf16", "fp16", "fp32"):
