@@ -155,11 +155,35 @@ def phase_forward(args) -> dict:
     return t.result()
 
 
+def current_rss_mb() -> float:
+    """Resident set size now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+class RssTrace:
+    """Wraps a loader; records the RSS each time the next batch is requested (= after the previous one)."""
+
+    def __init__(self, loader):
+        self.loader, self.trace = loader, []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            self.trace.append(current_rss_mb())
+
+
 def phase_ours(args) -> dict:
     from vitlens.analysis import cka_matrix
 
     vit, cnn, la, lb, vit_src = build_models(args.img_size)
-    loader = make_loader(args.images, args)
+    loader = RssTrace(make_loader(args.images, args))
     warm_up([vit, cnn], args.img_size)
     gram_dtype = {"float32": torch.float32, "float64": torch.float64}[args.gram_dtype]
     with Timer() as t:
@@ -173,7 +197,13 @@ def phase_ours(args) -> dict:
             progress=False,
             gram_dtype=gram_dtype,
         )
-    return {**t.result(), "matrix": m.tolist(), "vit_source": vit_src, "shape": list(m.shape)}
+    return {
+        **t.result(),
+        "matrix": m.tolist(),
+        "vit_source": vit_src,
+        "shape": list(m.shape),
+        "rss_trace": loader.trace,
+    }
 
 
 def phase_torch_cka(args) -> dict:
@@ -278,8 +308,14 @@ def report(res: dict, n: int, m_tc: int) -> None:
             f"({o2['peak_rss_mb'] / o['peak_rss_mb']:.3f}x); 2N took {o2['seconds']:.1f} s wall, "
             f"{o2['cpu_seconds']:.1f} s CPU"
         )
+        tr = o2["rss_trace"]
+        half = len(tr) // 2
+        print(
+            f"    RSS after each batch of the 2N run: first half max {max(tr[:half] or [0]):.0f} MB, "
+            f"second half max {max(tr[half:] or [0]):.0f} MB (min {min(tr):.0f}, last {tr[-1]:.0f})"
+        )
         diff = np.abs(np.array(o2["matrix"]) - np.array(o["matrix"])).max()
-        print(f"    max |CKA(2N) - CKA(N)| = {diff:.3f} (sampling noise of the estimate)")
+        print(f"    max |CKA(2N) - CKA(N)| = {diff:.3f} (N and 2N are different image samples)")
 
 
 # --------------------------------------------------------------------------- main

@@ -122,7 +122,7 @@ def test_hf_vit_parity(eps, tmp_path):
     with torch.no_grad():
         ref.vit.embeddings.cls_token.normal_(0, 0.5)
     ref.save_pretrained(tmp_path / "hf")  # the Hub layout: encoder.layer.i.attention.attention.query ...
-    paths = [tmp_path / "hf" / "model.safetensors"]
+    paths = [tmp_path / "hf"]  # the folder: its model.safetensors is read
     paths += _save_both(ref.state_dict(), tmp_path, "hf_vit")  # transformers 5's in-memory names
     x = torch.randn(2, 3, 32, 32)
     expected = _logits(ref, x)
@@ -187,6 +187,18 @@ def test_trainer_checkpoint_loads(tmp_path):
         assert torch.equal(model_from_checkpoint(path).eval()(x), expected)
         again = vitlens.create_model("vit_micro_patch4_32", num_classes=5, depth=2, checkpoint=path)
         assert torch.equal(again.eval()(x), expected)
+
+
+@pytest.mark.parametrize("name", ["gpt_nano", "transformer_nano"])
+def test_plain_weights_of_text_models_load(name, tmp_path):
+    """Weights saved without metadata (safetensors.torch.save_model) load by key match."""
+    from safetensors.torch import save_model
+
+    ours = vitlens.create_model(name).eval()
+    save_model(ours, str(tmp_path / "w.safetensors"))  # handles the tied embedding / output weights
+    back = vitlens.create_model(name, checkpoint=tmp_path / "w.safetensors").eval()
+    for (k, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 # -- adapting and refusing -----------------------------------------------------------------------------

@@ -148,6 +148,35 @@ def test_kv_cache_equals_full_causal_pass():
     assert cache["k"].shape == (B, H, L, D // H)
 
 
+@pytest.mark.parametrize("mask", ["none", "causal+padding"])
+def test_cpu_half_precision_training_backend_matches_flash(mask, monkeypatch):
+    """bf16 CPU training at short lengths runs SDPA's math backend (faster there); same result as flash."""
+    import contextlib
+
+    from vitlens.layers import attention as attention_module
+
+    q = torch.randn(1, H, L, D // H, dtype=torch.bfloat16, requires_grad=True)
+    assert not isinstance(attention_module._sdpa_backend(q, L), contextlib.nullcontext)  # math backend
+    assert isinstance(attention_module._sdpa_backend(q.detach(), L), contextlib.nullcontext)  # inference
+    assert isinstance(attention_module._sdpa_backend(q.float(), L), contextlib.nullcontext)  # fp32
+    assert isinstance(attention_module._sdpa_backend(q, 1000), contextlib.nullcontext)  # long sequences
+
+    attn = Attention(D, H)
+    x = torch.randn(B, L, D)
+    outs, grads = [], []
+    for max_keys in (attention_module.CPU_HALF_MATH_MAX_KEYS, 0):  # 0: always the default (flash) kernel
+        monkeypatch.setattr(attention_module, "CPU_HALF_MATH_MAX_KEYS", max_keys)
+        attn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, **MASKS[mask])
+        out.float().square().sum().backward()
+        outs.append(out.float())
+        grads.append(attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+    scale = grads[1].abs().max().item()  # bf16 keeps ~3 significant digits
+    torch.testing.assert_close(grads[0], grads[1], atol=2e-2 * scale, rtol=2e-2)
+
+
 def test_mask_builder():
     assert build_attention_mask(4, 4) is None  # nothing masked: SDPA keeps its fastest kernel
     m = build_attention_mask(2, 5, is_causal=True)  # two queries at positions 3 and 4

@@ -11,7 +11,7 @@ import torch
 
 from vitlens import create_model
 from vitlens.cli import main as cli
-from vitlens.text.attention import head_distance, text_attention
+from vitlens.text.attention import head_distance, text_attention, translation_attention_report
 from vitlens.text.data import BOS, EOS, PAD, load_parallel, read_lines, token_batches, train_bpe
 from vitlens.text.decode import beam_search, greedy_decode, length_penalty, strip_ids
 from vitlens.text.train_translate import TranslateTrainConfig, noam, train_translate
@@ -91,6 +91,21 @@ def test_no_attention_to_future_or_padding():
     more_pad = torch.cat([src, torch.zeros(4, 3, dtype=torch.long)], dim=1)
     torch.testing.assert_close(model(more_pad, tgt), model(src, tgt), atol=1e-5, rtol=1e-5)
     assert head_distance(probs["decoder.0.attn"]).shape == (2,)
+
+
+def test_translation_attention_report(shared_data):
+    src, tgt = load_parallel(shared_data / "multi30k", "train", limit=300)
+    tok = train_bpe(src + tgt, vocab_size=300)
+    model = _model(vocab=tok.get_vocab_size())
+    report = translation_attention_report(model, tok, "Ein Mann fährt Fahrrad.", "A man rides a bike.")
+    S, T = len(report["src_tokens"]), len(report["tgt_tokens"])
+    assert report["src_tokens"][-1] == "</s>" and report["tgt_tokens"][0] == "<s>"
+    assert report["maps"]["encoder.0.attn"].shape == (2, S, S)
+    assert report["maps"]["decoder.0.attn"].shape == (2, T, T)
+    assert report["maps"]["decoder.0.cross_attn"].shape == (2, T, S)
+    cross = report["layers"].index("decoder.0.cross_attn")
+    assert report["distance"][cross] is None and len(report["entropy"][cross]) == 2
+    assert all(0 <= e <= math.log(S) + 1e-9 for e in report["entropy"][cross])
 
 
 def test_cached_decoder_equals_full_decoder():
@@ -306,6 +321,11 @@ def test_train_translate_cli_and_resume(shared_data, tmp_path, capsys):
     )
     assert len(out_file.read_text().splitlines()) == 5
     assert "BLEU = " in capsys.readouterr().err
+    png = tmp_path / "cross.png"
+    assert (
+        cli(["translate", str(tmp_path / "full"), "Ein Hund.", "--beam", "1", "--attention", str(png)]) == 0
+    )
+    assert png.stat().st_size > 0 and "decoder.0.cross_attn" in capsys.readouterr().err
     assert cli(["translate", str(tmp_path / "full")]) == 2
     assert "nothing to translate" in capsys.readouterr().err
     assert cli(["translate", str(tmp_path / "nope"), "Hallo"]) == 2

@@ -198,6 +198,12 @@ def _translate_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+len)/6)^alpha")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--attention",
+        metavar="PNG",
+        help="with one sentence: draw the last decoder layer's cross-attention (and print "
+        "per-head entropy / distance) while the model writes its translation",
+    )
     return p
 
 
@@ -235,6 +241,8 @@ def _decode(a) -> int:
             f.write("\n".join(hyps) + "\n")
     else:
         sys.stdout.write("\n".join(hyps) + "\n")
+    if a.attention:
+        _translation_attention(model, tok, sentences, hyps, a.attention)
     if a.ref:
         refs = read_lines(a.ref)
         file_hyps = hyps[len(a.text) :]
@@ -244,3 +252,19 @@ def _decode(a) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _translation_attention(model, tok, sentences, hyps, path) -> None:
+    from ..text.attention import plot_text_attention, translation_attention_report
+
+    if len(sentences) != 1:
+        raise ValueError(f"--attention draws one sentence; got {len(sentences)}")
+    report = translation_attention_report(model, tok, sentences[0], hyps[0])
+    for layer, ent, dist in zip(report["layers"], report["entropy"], report["distance"]):
+        cells = "  ".join(
+            f"h{h}: {e:.2f}" + ("" if dist is None else f" / {dist[h]:.1f}") for h, e in enumerate(ent)
+        )
+        print(f"{layer:24s} {cells}", file=sys.stderr)
+    cross = [n for n in report["layers"] if n.endswith("cross_attn")]
+    plot_text_attention(report, cross[-1], path)
+    print(f"entropy (nats) / distance (tokens) per head; wrote {path}", file=sys.stderr)

@@ -17,8 +17,12 @@ from dataclasses import fields
 def register(sub) -> None:
     from ..tokenizers.train_vq import TokenizerTrainConfig
 
-    p = sub.add_parser("train-tokenizer", help="train a VQ-VAE image tokenizer or fit a colour palette",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a VQ-VAE image tokenizer or fit a colour palette",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     defaults = TokenizerTrainConfig()
     for f in fields(TokenizerTrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -26,8 +30,13 @@ def register(sub) -> None:
         if isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         elif f.name == "kind":
-            p.add_argument(flag, choices=["vq", "palette"], default=value,
-                           help="vq: train a VQ-VAE (tokenizer.safetensors); palette: k-means colours (palette.safetensors)")
+            p.add_argument(
+                flag,
+                choices=["vq", "palette"],
+                default=value,
+                help="vq: train a VQ-VAE (tokenizer.safetensors); "
+                "palette: k-means colours (palette.safetensors)",
+            )
         else:
             # f.type is the annotation as text ("float | None"): int, float, or a string
             typ = int if f.type.startswith("int") else float if f.type.startswith("float") else str

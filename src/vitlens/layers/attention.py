@@ -12,11 +12,27 @@ every ordinary forward pass, keeps the fused kernel.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .hooks import HookPoint
+
+# Below this many keys, CPU training in bf16/fp16 uses SDPA's math backend: PyTorch's CPU
+# flash-attention *backward* is 1.5-2.5x slower than the math backend for short sequences in
+# reduced precision (ViT-Tiny at 65 tokens: whole training step ~1.4x faster; torch 2.14,
+# benchmarks/RESULTS.md); from ~200 keys flash wins. Inference keeps the flash kernel.
+CPU_HALF_MATH_MAX_KEYS = 128
+
+
+def _sdpa_backend(q: torch.Tensor, num_keys: int):
+    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
+            and num_keys <= CPU_HALF_MATH_MAX_KEYS):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def build_attention_mask(
@@ -134,6 +150,7 @@ class Attention(nn.Module):
             probs = self.attn_probs(probs)
             out = F.dropout(probs, drop, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            with _sdpa_backend(q, S):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, L, C)  # (B, L, nh*hd)
         return self.proj_drop(self.proj(out))

@@ -46,11 +46,16 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     metadata; ``{}`` for a pickle.
     """
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a Hugging Face save_pretrained folder
+        path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+        except Exception as e:  # safetensors raises its own error type for a damaged header
+            raise ValueError(f"could not read {path} as safetensors ({e}); is the file complete?") from None
         if metadata.get("format") == FORMAT:  # vitlens: tensors under "model.", JSON meta
             state, meta, _ = load_checkpoint(path)
             return _strip_prefixes(state), {**meta, "format": FORMAT}
@@ -270,9 +275,15 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, strict: bool = True
     unexpected keys raise too when ``strict``, and are warned about otherwise.
     """
     state_dict, metadata = load_state_dict_file(path)
-    fmt = detect_format(state_dict, metadata)
-    sd = convert_state_dict(state_dict, fmt, model, strict_head=strict_head)
     own = model.state_dict()
+    try:
+        fmt = detect_format(state_dict, metadata)
+    except ValueError:
+        if len(own.keys() & state_dict.keys()) < 0.5 * len(own):
+            raise
+        fmt = "vitlens"  # plain weights of a vitlens model without distinctive names (e.g. the seq2seq)
+    sd = convert_state_dict(state_dict, fmt, model, strict_head=strict_head)
+    _fill_tied(sd, own)
     mismatched = [(k, tuple(sd[k].shape), tuple(v.shape))  # (key, checkpoint shape, model shape)
                   for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     missing = [k for k in own if k not in sd]
@@ -284,6 +295,19 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, strict: bool = True
                       f"{len(unexpected)} unexpected keys ({_few(unexpected)})", stacklevel=2)
     model.load_state_dict(sd, strict=False)
     return model
+
+
+def _fill_tied(sd: dict, own: dict) -> None:
+    """Tied weights (GPT's embedding = LM head) are often saved once; copy them to the other name."""
+    by_storage: dict[int, list[str]] = {}
+    for k, v in own.items():
+        if v.numel():
+            by_storage.setdefault(v.untyped_storage().data_ptr(), []).append(k)
+    for names in by_storage.values():
+        present = [k for k in names if k in sd]
+        for k in names:
+            if present and k not in sd:
+                sd[k] = sd[present[0]]
 
 
 def _natural(key: str) -> list:

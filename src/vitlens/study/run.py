@@ -35,6 +35,9 @@ def _recipe(cfg: StudyConfig, spec: ModelSpec, fraction: float, seed: int, run_d
         steps_per_epoch = max(1, math.ceil(n / int(recipe.get("batch_size", 128))))
         epochs = max(epochs, math.ceil(cfg.min_steps / steps_per_epoch))
     recipe["epochs"] = epochs
+    # The study reads only the final accuracy: evaluating the whole test split after every one of
+    # the many short epochs of a small fraction would cost more than the training itself.
+    recipe.setdefault("eval_every", epochs)
     return TrainConfig.from_dict({**recipe, "model": spec.model, "model_args": dict(spec.model_args),
                                   "data": cfg.data, "data_dir": cfg.data_dir, "fraction": fraction, "seed": seed,
                                   "out": str(run_dir)})

@@ -16,8 +16,6 @@ tokens, and some positions are padding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
@@ -125,25 +123,70 @@ def text_attention_report(model: nn.Module, tok, text: str) -> dict:
     }
 
 
+def translation_attention_report(model: nn.Module, tok, source: str, target: str) -> dict:
+    """Attention of the encoder-decoder while it reads ``source`` and writes ``target``.
+
+    The decoder is teacher-forced with ``<s> target`` (pass the model's own translation to see
+    how it produced it). Returns ``src_tokens``, ``tgt_tokens`` (subword strings, the target with
+    ``<s>`` first), ``layers``, ``maps`` {layer: (heads, queries, keys) numpy} for every layer
+    (encoder self-attention: source x source; decoder self-attention: target x target;
+    cross-attention: target x source), and ``entropy`` / ``distance`` for the self-attention
+    layers (``None`` distance for cross-attention, where |i - j| compares two sentences).
+    """
+    from ..models.seq2seq import Seq2SeqTransformer
+    from .data import BOS, EOS
+
+    if not isinstance(model, Seq2SeqTransformer):
+        raise ValueError(f"{type(model).__name__} is not an encoder-decoder; use text_attention_report")
+    dev = next(model.parameters()).device
+    src_ids = tok.encode(source).ids + [EOS]
+    tgt_ids = [BOS] + tok.encode(target).ids
+    src = torch.tensor([src_ids], device=dev)
+    tgt = torch.tensor([tgt_ids], device=dev)
+    probs = text_attention(model, src, tgt)
+    layers = list(probs)
+    return {
+        "src_tokens": [tok.id_to_token(i) for i in src_ids],
+        "tgt_tokens": [tok.id_to_token(i) for i in tgt_ids],
+        "layers": layers,
+        "maps": {n: probs[n][0].float().cpu().numpy() for n in layers},
+        "entropy": [head_entropy(probs[n]).tolist() for n in layers],
+        "distance": [None if n.endswith("cross_attn") else head_distance(probs[n]).tolist() for n in layers],
+    }
+
+
+def _axis_labels(report: dict, name: str) -> tuple[list[str], list[str]]:
+    """(query labels, key labels) of one layer's map."""
+    if "tokens" in report:  # GPT / BERT: one sequence
+        return report["tokens"], report["tokens"]
+    src, tgt = report["src_tokens"], report["tgt_tokens"]
+    if name.endswith("cross_attn"):
+        return tgt, src
+    return (src, src) if name.startswith("encoder") else (tgt, tgt)
+
+
 def plot_text_attention(report: dict, layer: int | str, path: str, max_heads: int = 8) -> None:
-    """A row of per-head heatmaps (query rows, key columns) with the tokens on the axes."""
+    """A row of per-head heatmaps (query rows, key columns) with the tokens on the axes; takes the
+    output of :func:`text_attention_report` or :func:`translation_attention_report`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     name = report["layers"][layer] if isinstance(layer, int) else layer
+    if name not in report["maps"]:
+        raise ValueError(f"no layer {name!r}; layers: {report['layers']}")
     maps = report["maps"][name][:max_heads]
-    labels: Sequence[str] = [repr(t)[1:-1] for t in report["tokens"]]
+    q_labels, k_labels = ([repr(t)[1:-1] for t in labels] for labels in _axis_labels(report, name))
     H = maps.shape[0]
     fig, axes = plt.subplots(1, H, figsize=(3.2 * H, 3.4), squeeze=False)
-    show_labels = len(labels) <= 40
+    show_labels = max(len(q_labels), len(k_labels)) <= 64
     for h, ax in enumerate(axes[0]):
         ax.imshow(maps[h], cmap="viridis", vmin=0.0)
         ax.set_title(f"{name} h{h}", fontsize=8)
         if show_labels:
-            ax.set_xticks(range(len(labels)), labels, fontsize=5, rotation=90)
-            ax.set_yticks(range(len(labels)), labels, fontsize=5)
+            ax.set_xticks(range(len(k_labels)), k_labels, fontsize=5, rotation=90)
+            ax.set_yticks(range(len(q_labels)), q_labels, fontsize=5)
         else:
             ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
@@ -158,5 +201,6 @@ __all__ = [
     "head_distance",
     "self_attention_layers",
     "text_attention_report",
+    "translation_attention_report",
     "plot_text_attention",
 ]

@@ -1,4 +1,4 @@
-"""Image tokenizers: four ways to turn an image into the token sequence a ViT reads.
+r"""Image tokenizers: four ways to turn an image into the token sequence a ViT reads.
 
 =========  ===================================================  ==================================
 option     tokens                                               module
@@ -9,11 +9,18 @@ vq         code indices of a trained VQ-VAE (DALL-E / BEiT)     :mod:`.vqvae`
 hybrid     positions of a ResNet feature map (ViT sec. 3.1)     :mod:`.hybrid`
 =========  ===================================================  ==================================
 
-Pick one with ``create_model("vit_micro_patch4_32", tokenizer="pixel", tokenizer_args={...})``
-or ``vitlens train --tokenizer pixel``. Every tokenizer takes the images the ViT takes
-(dataset-normalised, (B, 3, H, W)) and returns (B, N, embed_dim); the ViT adds [CLS] and
-position embeddings. Each exposes ``num_patches``, ``grid_size`` (h, w), ``patch_size`` (input
-pixels per token, used by attention-distance analyses) and ``img_size``.
+Pick one with ``create_model("vit_micro_patch4_32", tokenizer="pixel", tokenizer_args={...})``,
+or on the command line::
+
+    vitlens train-tokenizer --data cifar10 --data-dir ../shared/data/cifar10 --out runs/vq
+    vitlens train --tokenizer vq \
+        --model-args '{"tokenizer_args": {"checkpoint": "runs/vq/tokenizer.safetensors"}}'
+
+Every tokenizer takes the images the ViT takes (dataset-normalised, (B, 3, H, W)) and returns
+(B, N, embed_dim); the ViT adds [CLS] and position embeddings. Each exposes ``num_patches``,
+``grid_size`` (h, w), ``patch_size`` (input pixels per token, used by attention-distance
+analyses) and ``img_size``. Whatever a tokenizer holds (palette, frozen VQ weights, ResNet
+stages) is in the model's ``state_dict``, so a saved ViT reloads with its exact tokenizer.
 
 ``tokenizer_args`` per tokenizer:
 
@@ -37,14 +44,26 @@ from .vqvae import VQVAE, VQTokenizer, VQVAEConfig, load_vqvae, psnr, save_vqvae
 TOKENIZERS = ("patch", "pixel", "vq", "hybrid")
 
 __all__ = [
-    "TOKENIZERS", "build_image_tokenizer", "HybridEmbed", "PixelTokenizer", "VQTokenizer", "VQVAE", "VQVAEConfig",
-    "assign_palette", "fit_palette", "load_palette", "save_palette", "uniform_palette", "load_vqvae", "save_vqvae",
+    "TOKENIZERS",
+    "build_image_tokenizer",
+    "HybridEmbed",
+    "PixelTokenizer",
+    "VQTokenizer",
+    "VQVAE",
+    "VQVAEConfig",
+    "assign_palette",
+    "fit_palette",
+    "load_palette",
+    "save_palette",
+    "uniform_palette",
+    "load_vqvae",
+    "save_vqvae",
     "psnr",
 ]
 
 
 def build_image_tokenizer(cfg) -> nn.Module:
-    """The tokenizer module a :class:`~vitlens.models.ViTConfig` asks for (``cfg.tokenizer``, ``cfg.tokenizer_args``)."""
+    """The tokenizer module a ``ViTConfig`` asks for (``cfg.tokenizer``, ``cfg.tokenizer_args``)."""
     args = dict(cfg.tokenizer_args or {})
     if cfg.tokenizer == "pixel":
         from .palette import build_pixel_tokenizer

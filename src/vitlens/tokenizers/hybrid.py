@@ -28,24 +28,48 @@ _STEM_STRIDE = {"cifar": 1, "imagenet": 4}
 class HybridEmbed(nn.Module):
     """(B, 3, H, W) -> ResNet stem + stages -> (B, C, h', w') -> patch conv -> (B, h*w, D)."""
 
-    def __init__(self, img_size, embed_dim: int, *, layers=(1, 1, 1), widths=(32, 64, 128), block: str = "basic",
-                 stem: str = "cifar", patch: int = 1, in_chans: int = 3):
+    def __init__(
+        self,
+        img_size,
+        embed_dim: int,
+        *,
+        layers=(1, 1, 1),
+        widths=(32, 64, 128),
+        block: str = "basic",
+        stem: str = "cifar",
+        patch: int = 1,
+        in_chans: int = 3,
+    ):
         super().__init__()
-        self.img_size = to_2tuple(img_size)
-        rcfg = ResNetConfig(block=block, layers=tuple(layers), widths=tuple(widths), stem=stem, in_chans=in_chans,
-                            num_classes=0)
+        rcfg = ResNetConfig(
+            block=block,
+            layers=tuple(layers),
+            widths=tuple(widths),
+            stem=stem,
+            in_chans=in_chans,
+            num_classes=0,
+        )
         self.backbone = ResNet(rcfg)
-        self.feature_stride = _STEM_STRIDE[stem] * 2 ** (len(rcfg.layers) - 1)  # input px per feature position
-        stride = self.feature_stride * patch
-        if self.img_size[0] % stride or self.img_size[1] % stride:
-            raise ValueError(
-                f"hybrid tokenizer: image size {self.img_size} is not divisible by the backbone stride "
-                f"{self.feature_stride} x patch {patch} = {stride}; use fewer stages, a smaller patch or another "
-                "image size")
-        self.patch_size = (stride, stride)  # input pixels covered by one token (for attention distances)
-        self.grid_size = (self.img_size[0] // stride, self.img_size[1] // stride)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.feature_stride = _STEM_STRIDE[stem] * 2 ** (
+            len(rcfg.layers) - 1
+        )  # input px per feature position
         self.proj = nn.Conv2d(self.backbone.num_features, embed_dim, kernel_size=patch, stride=patch)
+        stride = self.feature_stride * patch
+        self.patch_size = (stride, stride)  # input pixels covered by one token (for attention distances)
+        self.set_image_size(img_size)
+
+    def set_image_size(self, img_size) -> None:
+        """Convolutions take any size: only the token grid changes (the ViT resamples its positions)."""
+        img_size, stride = to_2tuple(img_size), self.patch_size[0]
+        if img_size[0] % stride or img_size[1] % stride:
+            raise ValueError(
+                f"hybrid tokenizer: image size {img_size} is not divisible by the backbone stride "
+                f"{self.feature_stride} x patch {stride // self.feature_stride} = {stride}; use fewer "
+                "stages, a smaller patch or another image size"
+            )
+        self.img_size = img_size
+        self.grid_size = (img_size[0] // stride, img_size[1] // stride)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
@@ -70,7 +94,9 @@ def build_hybrid_tokenizer(cfg, args: dict) -> HybridEmbed:
         feat = to_2tuple(cfg.img_size)[0] // (_STEM_STRIDE[stem] * 2 ** (n_stages - 1))
         grid = int(args["grid"])
         if grid < 1 or feat % grid:
-            raise ValueError(f"hybrid tokenizer: the {feat}x{feat} feature map cannot be cut into a {grid}x{grid} "
-                             "grid; choose a grid that divides it")
+            raise ValueError(
+                f"hybrid tokenizer: the {feat}x{feat} feature map cannot be cut into a {grid}x{grid} "
+                "grid; choose a grid that divides it"
+            )
         patch = feat // grid
     return HybridEmbed(cfg.img_size, cfg.embed_dim, patch=patch, in_chans=cfg.in_chans, **kw)

@@ -43,7 +43,7 @@ def assign_palette(pixels: torch.Tensor, palette: torch.Tensor, chunk: int = 655
     pal = palette.float()
     out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
     for i in range(0, flat.shape[0], chunk):
-        out[i:i + chunk] = _exact_cdist(flat[i:i + chunk], pal).argmin(1)
+        out[i : i + chunk] = _exact_cdist(flat[i : i + chunk], pal).argmin(1)
     return out.view(pixels.shape[:-1])
 
 
@@ -51,7 +51,9 @@ def _as_pixels(images) -> torch.Tensor:
     """uint8 images (N, H, W, 3) or (N, 3, H, W), numpy or torch -> float pixels (M, 3) in 0..255."""
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype != torch.uint8:
-        raise ValueError(f"fit_palette expects uint8 images (0..255), got {x.dtype}; convert with (x * 255).round()")
+        raise ValueError(
+            f"fit_palette expects uint8 images (0..255), got {x.dtype}; convert with (x * 255).round()"
+        )
     if x.ndim == 4 and x.shape[1] == 3 and x.shape[-1] != 3:
         x = x.permute(0, 2, 3, 1)  # (N, 3, H, W) -> (N, H, W, 3)
     if x.shape[-1] != 3:
@@ -99,7 +101,7 @@ def _kmeans_pp(pixels: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor
 def uniform_palette(k: int = 512) -> torch.Tensor:
     """A fixed palette: ``k = L^3`` colours on a uniform RGB grid (512 = 8 levels a channel), 0..255."""
     levels = round(k ** (1 / 3))
-    if levels ** 3 != k:
+    if levels**3 != k:
         raise ValueError(f"a uniform RGB palette needs a cube number of colours (8, 64, 512, ...), got k={k}")
     v = (torch.arange(levels, dtype=torch.float32) + 0.5) * (256 / levels) - 0.5  # bin centres
     r, g, b = torch.meshgrid(v, v, v, indexing="ij")
@@ -110,8 +112,11 @@ def save_palette(path: str | Path, palette: torch.Tensor, meta: dict | None = No
     """Write a palette (K, 3) as a vitlens safetensors checkpoint (key ``palette``)."""
     from ..train.checkpoint import save_checkpoint
 
-    save_checkpoint(path, {"palette": palette.float()}, meta={"kind": "palette", "k": int(palette.shape[0]),
-                                                              **(meta or {})})
+    save_checkpoint(
+        path,
+        {"palette": palette.float()},
+        meta={"kind": "palette", "k": int(palette.shape[0]), **(meta or {})},
+    )
 
 
 def load_palette(path: str | Path) -> torch.Tensor:
@@ -119,8 +124,10 @@ def load_palette(path: str | Path) -> torch.Tensor:
 
     state, meta, _ = load_checkpoint(path)
     if "palette" not in state:
-        raise ValueError(f"{path} holds no palette (kind {meta.get('kind')!r}); make one with "
-                         "`vitlens train-tokenizer --kind palette`")
+        raise ValueError(
+            f"{path} holds no palette (kind {meta.get('kind')!r}); make one with "
+            "`vitlens train-tokenizer --kind palette`"
+        )
     return state["palette"]
 
 
@@ -131,17 +138,23 @@ class PixelTokenizer(nn.Module):
     tokenizes exactly as it did in training.
     """
 
-    def __init__(self, img_size, embed_dim: int, palette: torch.Tensor, resolution: int = 16,
-                 mean=None, std=None):
+    def __init__(
+        self, img_size, embed_dim: int, palette: torch.Tensor, resolution: int = 16, mean=None, std=None
+    ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.resolution = resolution
         if self.img_size[0] % resolution or self.img_size[1] % resolution:
-            raise ValueError(f"image size {self.img_size} is not a multiple of resolution {resolution}; "
-                             f"pick a resolution that divides it (e.g. {math.gcd(*self.img_size) // 2})")
+            raise ValueError(
+                f"image size {self.img_size} is not a multiple of resolution {resolution}; "
+                f"pick a resolution that divides it (e.g. {math.gcd(*self.img_size) // 2})"
+            )
         self.grid_size = (resolution, resolution)
         self.num_patches = resolution * resolution
-        self.patch_size = (self.img_size[0] // resolution, self.img_size[1] // resolution)  # input px per token
+        self.patch_size = (
+            self.img_size[0] // resolution,
+            self.img_size[1] // resolution,
+        )  # input px per token
         self.register_buffer("palette", palette.float().clone())  # (K, 3) in 0..255
         self.unnormalize = Unnormalize(mean, std)  # mean/std None: CIFAR-10's
         self.embed = nn.Embedding(palette.shape[0], embed_dim)
@@ -154,7 +167,9 @@ class PixelTokenizer(nn.Module):
     def set_palette(self, palette: torch.Tensor) -> None:
         """Replace the palette (e.g. with :func:`fit_palette` on the training set) - same K only."""
         if palette.shape != self.palette.shape:
-            raise ValueError(f"palette shape {tuple(palette.shape)} differs from the model's {tuple(self.palette.shape)}")
+            raise ValueError(
+                f"palette shape {tuple(palette.shape)} differs from the model's {tuple(self.palette.shape)}"
+            )
         self.palette.copy_(palette)
 
     @torch.no_grad()
@@ -177,18 +192,22 @@ class PixelTokenizer(nn.Module):
 
 
 def build_pixel_tokenizer(cfg, args: dict) -> PixelTokenizer:
-    """From ``tokenizer_args``: ``palette`` (path or None), ``k`` (512), ``resolution`` (16), ``mean``/``std``."""
+    """From ``tokenizer_args``: ``palette`` (path or None), ``k`` (512), ``resolution`` (16), mean/std."""
     k, path = int(args.get("k", 512)), args.get("palette")
     if path:
         palette = load_palette(path)
         if "k" in args and palette.shape[0] != k:
-            raise ValueError(f"palette {path} has {palette.shape[0]} colours but tokenizer_args k={k}; "
-                             "drop k (the file decides) or pass a palette with k colours")
+            raise ValueError(
+                f"palette {path} has {palette.shape[0]} colours but tokenizer_args k={k}; "
+                "drop k (the file decides) or pass a palette with k colours"
+            )
     else:
         warnings.warn(
             f"pixel tokenizer: no palette file given, using a fixed uniform {k}-colour RGB palette; fit one "
             "with `vitlens train-tokenizer --kind palette --out DIR` and pass tokenizer_args={'palette': "
-            "'DIR/palette.safetensors'} (a state dict loaded later brings its own palette)", stacklevel=3)
+            "'DIR/palette.safetensors'} (a state dict loaded later brings its own palette)",
+            stacklevel=3,
+        )
         palette = uniform_palette(k)
     mean, std = input_stats(args)
     return PixelTokenizer(cfg.img_size, cfg.embed_dim, palette, int(args.get("resolution", 16)), mean, std)

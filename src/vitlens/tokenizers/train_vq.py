@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .palette import assign_palette, fit_palette, save_palette
-from .vqvae import VQVAE, VQVAEConfig, save_vqvae
+from .vqvae import VQVAE, VQVAEConfig, load_vqvae, save_vqvae
 
 
 @dataclass
@@ -48,7 +48,9 @@ class TokenizerTrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 200
     hflip: bool = True
-    time_budget_min: float | None = None  # stop after the epoch that exceeds it (the schedule still spans `epochs`)
+    # stop after the epoch that exceeds this many minutes (the schedule still spans `epochs`)
+    time_budget_min: float | None = None
+    init: str | None = None  # start from this tokenizer file (same model options), with a fresh schedule
     eval_images: int | None = None  # test images used for the per-epoch metrics; None = all
     # palette
     k: int = 512
@@ -68,7 +70,7 @@ class TokenizerTrainConfig:
 
 
 def load_images(data: str, split: str, data_dir=None, fraction: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """A split as one uint8 (N, 3, H, W) tensor, through :func:`vitlens.data.build_dataset` (decoded once, cached)."""
+    """A split as one uint8 (N, 3, H, W) tensor, via ``vitlens.data.build_dataset`` (decoded once, cached)."""
     from ..data import build_dataset, nested_fraction_indices
 
     ds = build_dataset(data, split, data_dir)
@@ -88,18 +90,20 @@ def evaluate_vq(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> di
     counts = torch.zeros(K)
     mse = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].float() / 255
+        x = images[i : i + batch_size].float() / 255
         recon, idx, _, _ = model(x)
         mse.append((recon.clamp(0, 1) - x).pow(2).flatten(1).mean(1))
         counts += torch.bincount(idx.flatten(), minlength=K).float()
     model.train(was_training)
     mse = torch.cat(mse)
     p = counts / counts.sum()
-    return {"psnr": 10 * math.log10(1 / mse.mean().item()),
-            "psnr_per_image": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item(),
-            "mse": mse.mean().item(),
-            "codebook_usage": 100 * (counts > 0).float().mean().item(),
-            "perplexity": math.exp(-(p * torch.log(p + 1e-10)).sum().item())}
+    return {
+        "psnr": 10 * math.log10(1 / mse.mean().item()),
+        "psnr_per_image": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item(),
+        "mse": mse.mean().item(),
+        "codebook_usage": 100 * (counts > 0).float().mean().item(),
+        "perplexity": math.exp(-(p * torch.log(p + 1e-10)).sum().item()),
+    }
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
@@ -110,7 +114,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     train = load_images(cfg.data, "train", cfg.data_dir, cfg.fraction, cfg.seed)
     test = load_images(cfg.data, "test", cfg.data_dir)
-    summary = _fit_palette(cfg, train, test, out) if cfg.kind == "palette" else _train_vq(cfg, train, test, out)
+    summary = (
+        _fit_palette(cfg, train, test, out) if cfg.kind == "palette" else _train_vq(cfg, train, test, out)
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -119,12 +125,19 @@ def _fit_palette(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dic
     t0 = time.perf_counter()
     palette = fit_palette(train, k=cfg.k, seed=cfg.seed, iters=cfg.palette_iters, sample=cfg.palette_sample)
     # How faithful is "every pixel becomes its nearest palette colour"? (full resolution, test set)
-    x = test.permute(0, 2, 3, 1).float()  # (N, H, W, 3)
-    quant = palette[assign_palette(x, palette)]
-    mse = ((quant - x) / 255).pow(2).mean().item()
-    used = torch.unique(assign_palette(x, palette)).numel()
-    summary = {"kind": "palette", "k": cfg.k, "psnr": 10 * math.log10(1 / mse), "colors_used_test": used,
-               "fit_time_s": time.perf_counter() - t0, "train_images": len(train), "file": "palette.safetensors"}
+    x = (test[: cfg.eval_images] if cfg.eval_images else test).permute(0, 2, 3, 1).float()  # (N, H, W, 3)
+    idx = assign_palette(x, palette)
+    mse = ((palette[idx] - x) / 255).pow(2).mean().item()
+    used = torch.unique(idx).numel()
+    summary = {
+        "kind": "palette",
+        "k": cfg.k,
+        "psnr": 10 * math.log10(1 / mse),
+        "colors_used_test": used,
+        "fit_time_s": time.perf_counter() - t0,
+        "train_images": len(train),
+        "file": "palette.safetensors",
+    }
     save_palette(out / "palette.safetensors", palette, meta={"data": cfg.data, "psnr": summary["psnr"]})
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
@@ -133,26 +146,44 @@ def _fit_palette(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dic
 
 def _train_vq(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
     model = VQVAE(cfg.vq_config())
+    if cfg.init:  # e.g. continue a run its time budget cut short, at a lower learning rate
+        start, _ = load_vqvae(cfg.init)
+        if start.cfg != model.cfg:
+            raise ValueError(
+                f"--init {cfg.init} was trained with {start.cfg}, not this run's {model.cfg}; "
+                "pass the same model options"
+            )
+        model.load_state_dict(start.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size")
+        raise ValueError(
+            f"{len(train)} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size"
+        )
     from ..train.schedule import warmup_cosine
 
-    sched = warmup_cosine(opt, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=cfg.warmup_steps,
-                          base_lr=cfg.lr)
-    eval_set = test[:cfg.eval_images] if cfg.eval_images else test
+    sched = warmup_cosine(
+        opt, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=cfg.warmup_steps, base_lr=cfg.lr
+    )
+    eval_set = test[: cfg.eval_images] if cfg.eval_images else test
     n_params = sum(p.numel() for p in model.parameters())
-    meta = {"data": cfg.data, "train_images": len(train)}
+    meta = {"data": cfg.data, "train_images": len(train), "init": cfg.init}
     started, record = time.perf_counter(), {}
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(len(train))
         sums = {"loss": 0.0, "recon": 0.0, "perplexity": 0.0}
         t0 = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not cfg.progress,
+        )
         for i in bar:
-            x = train[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]].float() / 255  # (B, 3, H, W) in [0, 1]
+            x = (
+                train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]].float() / 255
+            )  # (B, 3, H, W) in [0, 1]
             if cfg.hflip:  # flip a random half of the batch
                 flip = torch.rand(len(x)) < 0.5
                 x[flip] = x[flip].flip(-1)
@@ -166,28 +197,47 @@ def _train_vq(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
             sums["loss"] += loss.item()
             sums["recon"] += recon_loss.item()
             sums["perplexity"] += stats["perplexity"]
-            bar.set_postfix(psnr=f"{10 * math.log10(1 / max(recon_loss.item(), 1e-10)):.2f}",
-                            ppl=f"{stats['perplexity']:.0f}")
+            bar.set_postfix(
+                psnr=f"{10 * math.log10(1 / max(recon_loss.item(), 1e-10)):.2f}",
+                ppl=f"{stats['perplexity']:.0f}",
+            )
         epoch_time = time.perf_counter() - t0
         ev = evaluate_vq(model, eval_set)
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": sched.get_last_lr()[0],
-                  "train_loss": sums["loss"] / steps_per_epoch,
-                  "train_psnr": 10 * math.log10(steps_per_epoch / sums["recon"]),
-                  "train_perplexity": sums["perplexity"] / steps_per_epoch,
-                  **{f"test_{k}": v for k, v in ev.items()},
-                  "img_per_s": steps_per_epoch * cfg.batch_size / epoch_time, "epoch_time_s": epoch_time}
+        record = {
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * steps_per_epoch,
+            "lr": sched.get_last_lr()[0],
+            "train_loss": sums["loss"] / steps_per_epoch,
+            "train_psnr": 10 * math.log10(steps_per_epoch / sums["recon"]),
+            "train_perplexity": sums["perplexity"] / steps_per_epoch,
+            **{f"test_{k}": v for k, v in ev.items()},
+            "img_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
+            "epoch_time_s": epoch_time,
+        }
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if cfg.progress:
-            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+        tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
         save_vqvae(out / "tokenizer.safetensors", model, meta={**meta, "epoch": epoch + 1, "metrics": record})
         if cfg.time_budget_min is not None and time.perf_counter() - started > 60 * cfg.time_budget_min:
             break
+    train_time = time.perf_counter() - started
+    final = {k: v for k, v in record.items() if k.startswith("test_")}
+    if len(eval_set) < len(
+        test
+    ):  # the per-epoch figures used a subset; the summary uses the whole test split
+        final = {f"test_{k}": v for k, v in evaluate_vq(model, test).items()}
     _save_recon_grid(model, test[:16], out / "recon.png")
-    return {"kind": "vq", "params": n_params, "epochs_done": record["epoch"], "train_images": len(train),
-            "train_time_s": time.perf_counter() - started, "test_images": len(eval_set),
-            **{k: v for k, v in record.items() if k.startswith("test_")}, "file": "tokenizer.safetensors",
-            "config": asdict(cfg.vq_config())}
+    return {
+        "kind": "vq",
+        "params": n_params,
+        "epochs_done": record["epoch"],
+        "train_images": len(train),
+        "train_time_s": train_time,
+        "test_images": len(test),
+        **final,
+        "file": "tokenizer.safetensors",
+        "config": asdict(cfg.vq_config()),
+    }
 
 
 @torch.no_grad()

@@ -155,8 +155,10 @@ class VectorQuantizer(nn.Module):
             loss = loss + F.mse_loss(zq, flat.detach())
         zq = flat + (zq - flat).detach()  # straight-through: forward uses zq, backward copies dL/dzq to z
         probs = counts / counts.sum()
-        stats = {"perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()).item(),
-                 "codes_used": int((counts > 0).sum())}
+        stats = {
+            "perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()).item(),
+            "codes_used": int((counts > 0).sum()),
+        }
         zq = zq.view(B, h, w, d).permute(0, 3, 1, 2)  # (B, d, h, w)
         return zq, idx.view(B, h, w), loss, stats
 
@@ -236,17 +238,21 @@ def save_vqvae(path: str | Path, model: VQVAE, meta: dict | None = None) -> None
     """Write a trained VQ-VAE as a vitlens safetensors checkpoint; the config goes in the metadata."""
     from ..train.checkpoint import save_checkpoint
 
-    save_checkpoint(path, model.state_dict(), meta={"kind": "vqvae", "config": model.config_dict(), **(meta or {})})
+    save_checkpoint(
+        path, model.state_dict(), meta={"kind": "vqvae", "config": model.config_dict(), **(meta or {})}
+    )
 
 
 def load_vqvae(path: str | Path) -> tuple[VQVAE, dict]:
-    """``(model in eval mode, meta)`` from a file written by :func:`save_vqvae` / ``vitlens train-tokenizer``."""
+    """``(model in eval mode, meta)`` from a :func:`save_vqvae` / ``vitlens train-tokenizer`` file."""
     from ..train.checkpoint import load_checkpoint
 
     state, meta, _ = load_checkpoint(path)
     if meta.get("kind") != "vqvae":
-        raise ValueError(f"{path} is not a VQ-VAE tokenizer (kind {meta.get('kind')!r}); train one with "
-                         "`vitlens train-tokenizer --kind vq --out DIR` and use DIR/tokenizer.safetensors")
+        raise ValueError(
+            f"{path} is not a VQ-VAE tokenizer (kind {meta.get('kind')!r}); train one with "
+            "`vitlens train-tokenizer --kind vq --out DIR` and use DIR/tokenizer.safetensors"
+        )
     model = VQVAE(VQVAEConfig(**meta["config"]))
     model.load_state_dict(state)
     return model.eval(), meta
@@ -263,13 +269,8 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, img_size, embed_dim: int, vq: VQVAE, mean=None, std=None):
         super().__init__()
-        self.img_size = to_2tuple(img_size)
-        f = vq.cfg.downsample
-        if self.img_size[0] % f or self.img_size[1] % f:
-            raise ValueError(f"image size {self.img_size} is not divisible by the VQ-VAE's downsampling {f}")
-        self.grid_size = (self.img_size[0] // f, self.img_size[1] // f)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.patch_size = (f, f)
+        self.patch_size = (vq.cfg.downsample, vq.cfg.downsample)
+        self.set_image_size(img_size)
         self.encoder, self.quantizer = vq.encoder, vq.quantizer  # the decoder is not needed
         for p in [*self.encoder.parameters(), *self.quantizer.parameters()]:
             p.requires_grad_(False)
@@ -277,6 +278,15 @@ class VQTokenizer(nn.Module):
         self.embed = nn.Embedding(vq.cfg.codebook_size, embed_dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.train()
+
+    def set_image_size(self, img_size) -> None:
+        """The conv encoder takes any size divisible by its downsampling; the token grid follows."""
+        img_size, f = to_2tuple(img_size), self.patch_size[0]
+        if img_size[0] % f or img_size[1] % f:
+            raise ValueError(f"image size {img_size} is not divisible by the VQ-VAE's downsampling {f}")
+        self.img_size = img_size
+        self.grid_size = (img_size[0] // f, img_size[1] // f)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -287,8 +297,10 @@ class VQTokenizer(nn.Module):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> code indices (B, h, w)."""
         if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"VQ tokenizer built for (B, 3, {self.img_size[0]}, {self.img_size[1]}) images, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"VQ tokenizer built for (B, 3, {self.img_size[0]}, {self.img_size[1]}) images, "
+                f"got {tuple(x.shape)}"
+            )
         return encode_indices(self.encoder, self.quantizer, self.unnormalize(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,9 +320,11 @@ def build_vq_tokenizer(cfg, args: dict) -> VQTokenizer:
         vq, _ = load_vqvae(path)
     else:
         warnings.warn(
-            "vq tokenizer: no tokenizer_args['checkpoint'], so its encoder and codebook are random; train one "
-            "with `vitlens train-tokenizer --kind vq --out DIR` and pass tokenizer_args={'checkpoint': "
-            "'DIR/tokenizer.safetensors'} (fine if a trained state dict is loaded next)", stacklevel=3)
+            "vq tokenizer: no tokenizer_args['checkpoint'], so its encoder and codebook are random; train "
+            "one with `vitlens train-tokenizer --kind vq --out DIR` and pass tokenizer_args={'checkpoint': "
+            "'DIR/tokenizer.safetensors'} (fine if a trained state dict is loaded next)",
+            stacklevel=3,
+        )
         vq_cfg = dict(args.get("vq_config", {}))
         known = {f.name for f in fields(VQVAEConfig)}
         if unknown := sorted(set(vq_cfg) - known):
