@@ -90,7 +90,10 @@ def analyse(cfg: StudyConfig, study_dir: Path, records: list[dict], log=print) -
     bs = int(a["batch_size"])
 
     def loader(n_images, dataset=test_ds):
-        subset = torch.utils.data.Subset(dataset, range(min(n_images, len(dataset))))
+        # A seeded random subset: image folders are stored class by class, so the first n images
+        # would all be airplanes (and a class probe would be trivially right).
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n_images]
+        subset = torch.utils.data.Subset(dataset, sorted(order.tolist()))
         return torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=False)
 
     analysis_dir = study_dir / "analysis"
