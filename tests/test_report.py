@@ -161,13 +161,14 @@ def test_report_sections_findings_and_numbers(tmp_path):
     text = finding(page, HEADINGS[2])
     assert "5.8 to 2.0 px in ViT-CLS" in text and "became more local" in text and " not " not in text
 
-    # 4. probes (stored as fractions, reported in percent): [CLS] loses position at the last layer.
+    # 4. probes (stored as fractions, reported in percent): here [CLS] loses position at the last layer,
+    # the opposite of Raghu et al. (who find the [CLS] ViT localizes better), and the sentence says so.
     probes = read_csv(study / "figures" / "probes.csv")
     last = {r["label"]: r for r in probes if float(r["relative_depth"]) == 1.0}
     assert {k: float(v["position_acc"]) for k, v in last.items()} == pytest.approx(
         {"ViT-CLS": 20.0, "ViT-GAP": 70.0, "ResNet": 80.0})
     text = finding(page, HEADINGS[3])
-    assert "20.0% for ViT-CLS" in text and "less positional information" in text
+    assert "20.0% for ViT-CLS" in text and "less positional information" in text and "unlike" in text
 
     # the same curves where the gap widens: the sentence follows the numbers.
     rows = data_hunger_rows(make_results({0.05: 2.0, 0.25: 5.0, 1.0: 9.0})["runs"])

@@ -12,7 +12,10 @@ def test_presets_load_and_validate():
     assert {"default", "cpu", "full", "smoke"} <= set(list_presets())
     for name in list_presets():
         cfg = StudyConfig.load(preset=name)
-        assert cfg.fractions == sorted(cfg.fractions) and {m.label for m in cfg.models} >= {"ViT-CLS", "ResNet"}
+        assert cfg.fractions == sorted(cfg.fractions) and {m.label for m in cfg.models} >= {
+            "ViT-CLS",
+            "ResNet",
+        }
     cfg = StudyConfig.load(preset="smoke", fractions=[0.5, 0.2], train={"epochs": 3})
     assert cfg.fractions == [0.2, 0.5] and cfg.train["epochs"] == 3 and cfg.train["batch_size"] == 64
 
@@ -21,15 +24,23 @@ def test_study_end_to_end_resume_and_report(tmp_path, capsys):
     out = tmp_path / "study"
     assert cli_main(["study", "--preset", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results["runs"]) == 6 and {r["label"] for r in results["runs"]} == {"ViT-CLS", "ViT-GAP", "ResNet"}
+    assert len(results["runs"]) == 6 and {r["label"] for r in results["runs"]} == {
+        "ViT-CLS",
+        "ViT-GAP",
+        "ResNet",
+    }
     for r in results["runs"]:
-        assert 0 <= r["test_top1"] <= 100 and r["params"] > 0 and (out / r["run_dir"] / "summary.json").exists()
+        assert (
+            0 <= r["test_top1"] <= 100 and r["params"] > 0 and (out / r["run_dir"] / "summary.json").exists()
+        )
     within = results["cka"]["within"]["ViT-CLS"]["matrix"]
     assert all(abs(within[i][i] - 1) < 1e-6 for i in range(len(within)))
     assert set(results["attention_distance"]["ViT-GAP"]) == {"0.1", "0.5"}
     layers = results["attention_distance"]["ViT-CLS"]["0.5"]
     assert len(layers) == 2 and len(layers[0]) == 2  # 2 blocks x 2 heads (smoke ViT)
-    assert set(results["probes"]["ResNet"]) and all(0 <= v["class_acc"] <= 1 for v in results["probes"]["ResNet"].values())
+    assert set(results["probes"]["ResNet"]) and all(
+        0 <= v["class_acc"] <= 1 for v in results["probes"]["ResNet"].values()
+    )
     # The analysis images are a random subset of all classes (folders are stored class by class, so
     # the first images alone would make the class probe trivially perfect).
     assert results["probes"]["ViT-CLS"]["patch_embed"]["class_acc"] < 0.9

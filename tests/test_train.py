@@ -15,8 +15,16 @@ from vitlens.cli import main as cli_main
 from vitlens.train import TrainConfig, load_checkpoint, save_checkpoint, train
 from vitlens.train.runs import load_run_model
 
-TINY = dict(model="vit_micro_patch4_32", model_args={"depth": 2, "embed_dim": 64, "num_heads": 2},
-            data="cifar10-mini", fraction=0.04, batch_size=16, lr=2e-3, warmup_epochs=0.5, progress=False)
+TINY = dict(
+    model="vit_micro_patch4_32",
+    model_args={"depth": 2, "embed_dim": 64, "num_heads": 2},
+    data="cifar10-mini",
+    fraction=0.04,
+    batch_size=16,
+    lr=2e-3,
+    warmup_epochs=0.5,
+    progress=False,
+)
 
 
 def _weights(run_dir):
@@ -81,15 +89,53 @@ def _free_port() -> int:
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
-    """2 gloo processes with half the batch each == 1 process with the whole batch (160 images = 5 batches)."""
-    args = ["train", "--model", "vit_micro_patch4_32", "--model-args", '{"depth": 2, "embed_dim": 64, "num_heads": 2}',
-            "--data", "cifar10-mini", "--fraction", "0.08", "--batch-size", "32", "--epochs", "2",
-            "--no-augment", "--no-progress", "--lr", "0.002", "--warmup-epochs", "0.5"]
-    train(TrainConfig(**{**TINY, "fraction": 0.08, "batch_size": 32, "epochs": 2, "augment": False,
-                         "out": str(tmp_path / "one")}))
+    """2 gloo processes with half the batch each == 1 process with the whole batch (160 images)."""
+    args = [
+        "train",
+        "--model",
+        "vit_micro_patch4_32",
+        "--model-args",
+        '{"depth": 2, "embed_dim": 64, "num_heads": 2}',
+        "--data",
+        "cifar10-mini",
+        "--fraction",
+        "0.08",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--no-augment",
+        "--no-progress",
+        "--lr",
+        "0.002",
+        "--warmup-epochs",
+        "0.5",
+    ]
+    train(
+        TrainConfig(
+            **{
+                **TINY,
+                "fraction": 0.08,
+                "batch_size": 32,
+                "epochs": 2,
+                "augment": False,
+                "out": str(tmp_path / "one"),
+            }
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "vitlens", *args, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "vitlens",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -98,8 +144,10 @@ def test_ddp_two_processes_equal_one(tmp_path):
     # by lr-sized steps of rounding noise; hence atol 1e-4 (lr 2e-3) rather than float epsilon.
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
-    losses = [[json.loads(x)["train_loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
-              for r in ("one", "two")]
+    losses = [
+        [json.loads(x)["train_loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+        for r in ("one", "two")
+    ]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -128,8 +176,20 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert cli_main(["train", "--model", "vit_tiny_patch16", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'vit_tiny_patch16'" in err and "Did you mean" in err and "Traceback" not in err
-    assert cli_main(["train", "--data", "imagefolder", "--data-dir", str(tmp_path / "nope"),
-                     "--out", str(tmp_path / "r2")]) == 2
+    assert (
+        cli_main(
+            [
+                "train",
+                "--data",
+                "imagefolder",
+                "--data-dir",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 2
+    )
     assert str(tmp_path / "nope") in capsys.readouterr().err
     assert cli_main(["train", "--fraction", "0", "--out", str(tmp_path / "r3")]) == 2
     assert "fraction" in capsys.readouterr().err

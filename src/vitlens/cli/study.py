@@ -13,10 +13,15 @@ def _ints(text: str) -> list[int]:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "study", help="train ViTs and a ResNet on nested data fractions, analyse them, write report.html",
-        description="Runs (or resumes) the sweep of a preset or config file, then the analyses and the report. "
-                    "A killed study restarts where it stopped.")
-    p.add_argument("--preset", default=None, help="default (embedded data, ~10 min on 2 CPU cores) | cpu | full")
+        "study",
+        help="train ViTs and a ResNet on nested data fractions, analyse them, write report.html",
+        description="Runs (or resumes) the sweep of a preset or config file, then the analyses "
+        "and the report. "
+        "A killed study restarts where it stopped.",
+    )
+    p.add_argument(
+        "--preset", default=None, help="default (embedded data, ~10 min on 2 CPU cores) | cpu | full"
+    )
     p.add_argument("--config", default=None, help="YAML study config (see vitlens/configs/study_*.yaml)")
     p.add_argument("--data", default=None, help="dataset name (default: the preset's)")
     p.add_argument("--data-dir", default=None)
@@ -34,12 +39,22 @@ def run(args) -> int:
     from ..study.config import StudyConfig
     from ..study.run import run_study
 
-    train = {k: v for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device}.items()
-             if v is not None}
+    train = {
+        k: v
+        for k, v in {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device}.items()
+        if v is not None
+    }
     cfg = StudyConfig.load(
-        args.config, args.preset, data=args.data, data_dir=args.data_dir, out=args.out, fractions=args.fractions,
-        seeds=args.seeds, train=train or None,
-        tokenizers=args.tokenizers.split(",") if args.tokenizers else None)
+        args.config,
+        args.preset,
+        data=args.data,
+        data_dir=args.data_dir,
+        out=args.out,
+        fractions=args.fractions,
+        seeds=args.seeds,
+        train=train or None,
+        tokenizers=args.tokenizers.split(",") if args.tokenizers else None,
+    )
     report = run_study(cfg)
     print(f"report written to {report}")
     return 0

@@ -10,7 +10,7 @@ from ..train.config import TrainConfig
 
 _HELP = {
     "model": "registered model name (see `vitlens models`)",
-    "model_args": "JSON overrides of the model config, e.g. '{\"pool\": \"gap\"}'",
+    "model_args": 'JSON overrides of the model config, e.g. \'{"pool": "gap"}\'',
     "data": "cifar10-mini (embedded, default) | cifar10 | cifar100 | imagefolder",
     "data_dir": "where the dataset lives (a directory or a .tar/.tar.gz of an ImageFolder)",
     "fraction": "class-balanced, nested fraction of the training split (0.1 contains 0.05)",
@@ -48,7 +48,9 @@ def _parse_type(t):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model", description="Train a model; every flag overrides --config.")
+    p = sub.add_parser(
+        "train", help="train a model", description="Train a model; every flag overrides --config."
+    )
     p.add_argument("--config", help="YAML/JSON TrainConfig file")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_config_arguments(p)
@@ -81,8 +83,9 @@ def run_eval(args) -> int:
 
     model, meta = load_run_model(args.run, args.which)
     device = resolve_device(args.device)
-    _, test_ds, _ = build_data(args.data or meta.get("data", "cifar10-mini"), args.data_dir,
-                               img_size=meta.get("img_size"))
+    _, test_ds, _ = build_data(
+        args.data or meta.get("data", "cifar10-mini"), args.data_dir, img_size=meta.get("img_size")
+    )
     result = evaluate(model.to(device), test_ds, batch_size=args.batch_size, device=device, progress=True)
     print(json.dumps(result, indent=2))
     return 0

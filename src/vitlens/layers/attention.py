@@ -92,7 +92,8 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; pick a head count that divides it")
+            msg = f"dim {dim} is not divisible by num_heads {num_heads}; pick a head count that divides it"
+            raise ValueError(msg)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5

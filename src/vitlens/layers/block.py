@@ -72,7 +72,9 @@ class Block(nn.Module):
         self.drop_path2 = _drop_path(drop_path)
 
     def forward(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=False, kv_cache=None):
-        attn_kw = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, kv_cache=kv_cache)
+        attn_kw = dict(
+            attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, kv_cache=kv_cache
+        )
         if self.norm_first:
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kw)))
             x = self.hook_resid_mid(x)
@@ -111,7 +113,9 @@ class CrossBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path = _drop_path(drop_path)
 
-    def forward(self, x, context, *, key_padding_mask=None, context_padding_mask=None, is_causal=True, kv_cache=None):
+    def forward(
+        self, x, context, *, key_padding_mask=None, context_padding_mask=None, is_causal=True, kv_cache=None
+    ):
         self_kw = dict(key_padding_mask=key_padding_mask, is_causal=is_causal, kv_cache=kv_cache)
         sublayers = (
             (self.norm1, lambda h: self.attn(h, **self_kw)),

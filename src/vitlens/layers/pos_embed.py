@@ -25,8 +25,9 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, *, temperature: float = 10000.
     """(grid_h*grid_w, dim) table: half the channels encode the row, half the column (MAE layout)."""
     if dim % 4:
         raise ValueError(f"2D sin-cos embedding needs dim divisible by 4, got {dim}")
-    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     out_y = ys.flatten()[:, None] * omega[None]
     out_x = xs.flatten()[:, None] * omega[None]
@@ -46,8 +47,12 @@ def resample_pos_embed(
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     D = grid.shape[-1]
     if grid.shape[1] != old_grid[0] * old_grid[1]:
-        raise ValueError(f"pos_embed has {grid.shape[1]} patch positions, expected {old_grid[0]}x{old_grid[1]}")
+        raise ValueError(
+            f"pos_embed has {grid.shape[1]} patch positions, expected {old_grid[0]}x{old_grid[1]}"
+        )
     grid = grid.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)  # (1, D, H, W)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    grid = F.interpolate(
+        grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True
+    )
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

@@ -1,10 +1,9 @@
 """Architectures. Importing this package registers every model."""
 
-from . import resnet, vit  # noqa: F401  (registration side effects)
-from . import bert, gpt, seq2seq  # noqa: F401  (language models)
+from . import bert, gpt, resnet, seq2seq, vit  # noqa: F401  (registration side effects)  # noqa: F401  (language models)
 from .registry import create_model, list_models, register_model
 from .resnet import ResNet, ResNetConfig
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = ["create_model", "list_models", "register_model", "ResNet", "ResNetConfig", "ViTConfig",
            "VisionTransformer"]

@@ -29,7 +29,9 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} `vitlens models` (or vitlens.list_models()) lists them all.")
+        raise ValueError(
+            f"unknown model {name!r}.{hint} `vitlens models` (or vitlens.list_models()) lists them all."
+        )
     return _MODELS[name]
 
 

@@ -19,7 +19,9 @@ class ModelSpec:
     label: str  # how the report names it: 'ViT-CLS', 'ViT-GAP', 'ResNet'
     model: str
     model_args: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)  # recipe overrides for this model only (avoid: one shared recipe)
+    train: dict = field(
+        default_factory=dict
+    )  # recipe overrides for this model only (avoid: one shared recipe)
 
 
 @dataclass
@@ -34,7 +36,9 @@ class StudyConfig:
     train: dict = field(default_factory=dict)  # the shared recipe: TrainConfig fields
     min_steps: int = 0  # small fractions train at least this many steps (epochs are raised to reach it)
     analysis: dict = field(default_factory=dict)  # cka_images, attention_images, probe_*_images, batch_size
-    tokenizers: list[str] = field(default_factory=list)  # optional tokenizer comparison at the largest fraction
+    tokenizers: list[str] = field(
+        default_factory=list
+    )  # optional tokenizer comparison at the largest fraction
     tokenizer_model: str | None = None  # the ViT label whose recipe the tokenizer comparison reuses
 
     def __post_init__(self):
@@ -84,7 +88,9 @@ class StudyConfig:
 
 def list_presets() -> list[str]:
     files = resources.files("vitlens") / "configs"
-    return sorted(p.name[len("study_"):-len(".yaml")] for p in files.iterdir() if p.name.startswith("study_"))
+    return sorted(
+        p.name[len("study_") : -len(".yaml")] for p in files.iterdir() if p.name.startswith("study_")
+    )
 
 
 def load_preset(name: str) -> dict:

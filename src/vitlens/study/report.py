@@ -282,9 +282,9 @@ def probe_finding(rows: dict[str, list[dict]], results: dict, vits: list[str]) -
     c, g = np.mean([last[k] for k in cls]), np.mean([last[k] for k in gap])
     kept = "positional information in its last-layer tokens than the pooled one"
     if c < g - PROBE_TOL:
-        verdict = f"the [CLS] ViT kept less {kept}, as {CITE_RAGHU} found"
+        verdict = f"the [CLS] ViT kept less {kept}, unlike {CITE_RAGHU}"
     elif c > g + PROBE_TOL:
-        verdict = f"the [CLS] ViT kept more {kept}, unlike {CITE_RAGHU}"
+        verdict = f"the [CLS] ViT kept more {kept}, as {CITE_RAGHU} found"
     else:
         verdict = "the [CLS] and pooled ViTs kept about as much positional information in their last layer"
     return f"{head} — {verdict}."
@@ -509,9 +509,9 @@ def build_report(study_dir: str | Path) -> Path:
         body, finding = _missing("localization probes (results.json has no 'probes')"), None
     sections.append(_section(
         "4. [CLS] token vs global average pooling",
-        f"A ViT classifying from the [CLS] token need not keep spatial information in its last-layer patch "
-        f"tokens, while one trained with global average pooling, like a ResNet, keeps it: linear probes "
-        f"recover a token's position far worse from the last layers of a [CLS] ViT ({CITE_RAGHU}).",
+        f"ViTs preserve spatial information: a ViT classifying from the [CLS] token keeps each last-layer "
+        f"patch token tied to its own location, while one trained with global average pooling localizes "
+        f"less clearly, though each of its tokens carries more class information ({CITE_RAGHU}, Section 5).",
         body, finding))
 
     # 5. runs table

@@ -48,8 +48,12 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, (list, tuple)):
         items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
@@ -71,8 +75,13 @@ def _unflatten(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skel
 
 
-def save_checkpoint(path: str | Path, model_state: dict[str, torch.Tensor], *, meta: dict | None = None,
-                    state: dict | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    model_state: dict[str, torch.Tensor],
+    *,
+    meta: dict | None = None,
+    state: dict | None = None,
+) -> None:
     """Write ``model_state`` (as ``model.<key>``), an optional nested training ``state`` dict
     (optimizer, scheduler, RNG, counters) and JSON ``meta`` (model name, config) atomically."""
     tensors: dict[str, torch.Tensor] = {}
@@ -98,10 +107,12 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[dict, 
     with safe_open(str(path), framework="pt", device=map_location) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a vitlens training checkpoint (no 'format: vitlens' metadata); "
-                             "to load plain weights use vitlens.create_model(name, checkpoint=path)")
+            raise ValueError(
+                f"{path} is not a vitlens training checkpoint (no 'format: vitlens' metadata); "
+                "to load plain weights use vitlens.create_model(name, checkpoint=path)"
+            )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     meta = json.loads(metadata.get("meta", "{}"))
     state = _unflatten(json.loads(metadata.get("state", "{}")), tensors)
     return model_state, meta, state

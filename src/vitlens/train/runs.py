@@ -25,10 +25,14 @@ def find_checkpoint(path: str | Path, which: str = "last") -> Path:
     if path.is_dir():
         ckpt = path / "checkpoints" / f"{which}.safetensors"
         if not ckpt.exists():
-            raise FileNotFoundError(f"{path} has no checkpoints/{which}.safetensors; is it a vitlens run directory?")
+            raise FileNotFoundError(
+                f"{path} has no checkpoints/{which}.safetensors; is it a vitlens run directory?"
+            )
         return ckpt
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected a run directory or a .safetensors checkpoint)")
+        raise FileNotFoundError(
+            f"{path} does not exist (expected a run directory or a .safetensors checkpoint)"
+        )
     return path
 
 

@@ -7,8 +7,14 @@ import math
 import torch
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int, base_lr: float,
-                  min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    base_lr: float,
+    min_lr: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR (its state dict resumes exactly) giving lr(step) = base_lr * factor(step)."""
 
     def factor(step: int) -> float:

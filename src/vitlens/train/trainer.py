@@ -70,7 +70,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(
+            p
+        )
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -122,8 +124,17 @@ class MetricsLog:
 
 # ------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, *, batch_size: int, device: torch.device, amp_dtype=None,
-             dist_info: DistInfo | None = None, num_workers: int = 0, progress: bool = False) -> dict:
+def evaluate(
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype=None,
+    dist_info: DistInfo | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict:
     """Top-1 / top-5 accuracy and loss. Under DDP each rank takes every world_size-th image and
     the counts are summed, so the result is exact (no padded duplicates)."""
     dist_info = dist_info or DistInfo()
@@ -145,8 +156,12 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int, device: torch.device
         n += len(labels)
     model.train(was_training)
     correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], dist_info, device)
-    return {"top1": 100 * correct1 / max(n, 1), "top5": 100 * correct5 / max(n, 1), "loss": loss_sum / max(n, 1),
-            "n": int(n)}
+    return {
+        "top1": 100 * correct1 / max(n, 1),
+        "top5": 100 * correct5 / max(n, 1),
+        "loss": loss_sum / max(n, 1),
+        "n": int(n),
+    }
 
 
 # ------------------------------------------------------------------------------- training
@@ -163,22 +178,39 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {dinfo.world_size} processes")
     last_ckpt = run_dir / LAST
     if last_ckpt.exists() and not resume:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise ValueError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
     amp_dtype = autocast_dtype(cfg.amp, device)
 
     # ---- data: the training split is a class-balanced nested fraction; the test split is whole
     torch.manual_seed(cfg.seed)
     train_ds, test_ds, info = build_data(
-        cfg.data, cfg.data_dir, fraction=cfg.fraction, seed=cfg.seed, img_size=cfg.img_size, augment=cfg.augment,
-        randaugment=cfg.randaugment, random_erasing=cfg.random_erasing, on_corrupt=cfg.on_corrupt)
+        cfg.data,
+        cfg.data_dir,
+        fraction=cfg.fraction,
+        seed=cfg.seed,
+        img_size=cfg.img_size,
+        augment=cfg.augment,
+        randaugment=cfg.randaugment,
+        random_erasing=cfg.random_erasing,
+        on_corrupt=cfg.on_corrupt,
+    )
     local_bs = cfg.batch_size // dinfo.world_size
-    sampler = DistributedSampler(train_ds, num_replicas=dinfo.world_size, rank=dinfo.rank, shuffle=True,
-                                 seed=cfg.seed)
+    sampler = DistributedSampler(
+        train_ds, num_replicas=dinfo.world_size, rank=dinfo.rank, shuffle=True, seed=cfg.seed
+    )
     # A final batch of one sample breaks BatchNorm; drop it only then, so small subsets still train.
     drop_last = len(sampler) % local_bs == 1
-    loader = DataLoader(train_ds, batch_size=local_bs, sampler=sampler, num_workers=cfg.num_workers,
-                        drop_last=drop_last, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.num_workers > 0)
+    loader = DataLoader(
+        train_ds,
+        batch_size=local_bs,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=drop_last,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"no training batches: {len(train_ds)} images for batch size {cfg.batch_size}")
@@ -193,16 +225,29 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     flops = count_flops(model, info.img_size, info.in_chans, device)
     optimizer = build_optimizer(model, cfg)
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = warmup_cosine(optimizer, total_steps=total_steps, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                              base_lr=cfg.lr, min_lr=cfg.min_lr)
+    scheduler = warmup_cosine(
+        optimizer,
+        total_steps=total_steps,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        base_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+    )
     ema = None
     if cfg.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    meta = {"model": cfg.model, "model_args": margs, "classes": info.classes, "img_size": info.img_size,
-            "in_chans": info.in_chans, "mean": list(info.mean), "std": list(info.std), "data": cfg.data}
+    meta = {
+        "model": cfg.model,
+        "model_args": margs,
+        "classes": info.classes,
+        "img_size": info.img_size,
+        "in_chans": info.in_chans,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "data": cfg.data,
+    }
 
     start_epoch, best_top1, train_time = 0, -1.0, 0.0
     if resume and last_ckpt.exists():
@@ -222,7 +267,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     log = MetricsLog(run_dir, dinfo.is_main)
     step_model = model
     if dinfo.enabled:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:
         step_model = torch.compile(step_model)
 
@@ -235,8 +282,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         model.train()
         loss_sum = correct = seen = 0.0
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and dinfo.is_main))
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not (cfg.progress and dinfo.is_main),
+        )
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if cfg.channels_last:
@@ -248,7 +299,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 logits = step_model(images)
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or use --amp fp32")
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or use --amp fp32"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -262,22 +315,45 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen * dinfo.world_size / (time.perf_counter() - t0):.0f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                img_s=f"{seen * dinfo.world_size / (time.perf_counter() - t0):.0f}",
+                lr=f"{scheduler.get_last_lr()[0]:.2e}",
+            )
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dinfo, device)
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": scheduler.get_last_lr()[0],
-                  "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-                  "img_per_s": seen / epoch_time, "epoch_time_s": epoch_time}
+        record = {
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * steps_per_epoch,
+            "lr": scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / seen,
+            "train_acc": 100 * correct / seen,
+            "img_per_s": seen / epoch_time,
+            "epoch_time_s": epoch_time,
+        }
         is_last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or is_last:
-            ev = evaluate(model, test_ds, batch_size=local_bs * 2, device=device, amp_dtype=amp_dtype, dist_info=dinfo,
-                          num_workers=cfg.num_workers)
+            ev = evaluate(
+                model,
+                test_ds,
+                batch_size=local_bs * 2,
+                device=device,
+                amp_dtype=amp_dtype,
+                dist_info=dinfo,
+                num_workers=cfg.num_workers,
+            )
             record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
             if ema is not None:
-                ev_ema = evaluate(ema.module, test_ds, batch_size=local_bs * 2, device=device, amp_dtype=amp_dtype,
-                                  dist_info=dinfo, num_workers=cfg.num_workers)
+                ev_ema = evaluate(
+                    ema.module,
+                    test_ds,
+                    batch_size=local_bs * 2,
+                    device=device,
+                    amp_dtype=amp_dtype,
+                    dist_info=dinfo,
+                    num_workers=cfg.num_workers,
+                )
                 record.update({"ema_test_top1": ev_ema["top1"], "ema_test_top5": ev_ema["top5"]})
         log.write(record)
         if dinfo.is_main and cfg.progress:
@@ -288,27 +364,52 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         top1 = record.get("test_top1", -1.0)
         if dinfo.is_main:
             if top1 > best_top1:
-                save_checkpoint(run_dir / BEST, model.state_dict(), meta={**meta, "epoch": epoch + 1, "test_top1": top1})
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "epoch": epoch + 1, "best_top1": max(best_top1, top1), "train_time": train_time}
-            save_checkpoint(run_dir / LAST, model.state_dict(), meta={**meta, "epoch": epoch + 1}, state=state)
+                save_checkpoint(
+                    run_dir / BEST, model.state_dict(), meta={**meta, "epoch": epoch + 1, "test_top1": top1}
+                )
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch + 1,
+                "best_top1": max(best_top1, top1),
+                "train_time": train_time,
+            }
+            save_checkpoint(
+                run_dir / LAST, model.state_dict(), meta={**meta, "epoch": epoch + 1}, state=state
+            )
         best_top1 = max(best_top1, top1)
         barrier(dinfo)
         epochs_this_run += 1
-        out_of_time = cfg.time_budget_min is not None and time.perf_counter() - started > 60 * cfg.time_budget_min
-        if not is_last and ((cfg.stop_after_epochs and epochs_this_run >= cfg.stop_after_epochs) or out_of_time):
+        out_of_time = (
+            cfg.time_budget_min is not None and time.perf_counter() - started > 60 * cfg.time_budget_min
+        )
+        if not is_last and (
+            (cfg.stop_after_epochs and epochs_this_run >= cfg.stop_after_epochs) or out_of_time
+        ):
             log.close()
             cleanup(dinfo)
             return {"finished": False, "epoch": epoch + 1}
 
     # ---- summary
     last = _last_record(run_dir / "metrics.jsonl") if dinfo.is_main else {}
-    summary = {"finished": True, "model": cfg.model, "params": n_params, "flops_per_image": flops,
-               "train_images": len(train_ds), "epochs": cfg.epochs, "train_time_s": train_time,
-               "img_per_s": last.get("img_per_s"), "test_top1": last.get("test_top1"),
-               "test_top5": last.get("test_top5"), "best_test_top1": best_top1,
-               "ema_test_top1": last.get("ema_test_top1"), "device": str(device), "world_size": dinfo.world_size}
+    summary = {
+        "finished": True,
+        "model": cfg.model,
+        "params": n_params,
+        "flops_per_image": flops,
+        "train_images": len(train_ds),
+        "epochs": cfg.epochs,
+        "train_time_s": train_time,
+        "img_per_s": last.get("img_per_s"),
+        "test_top1": last.get("test_top1"),
+        "test_top5": last.get("test_top5"),
+        "best_test_top1": best_top1,
+        "ema_test_top1": last.get("ema_test_top1"),
+        "device": str(device),
+        "world_size": dinfo.world_size,
+    }
     if dinfo.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.close()
@@ -323,5 +424,3 @@ def _last_record(path: Path) -> dict:
 
 def is_finished(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "summary.json").exists()
-
-
