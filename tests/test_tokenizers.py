@@ -322,6 +322,14 @@ def test_hybrid_reuses_resnet_and_grid_is_configurable():
 
 
 # -- the command -----------------------------------------------------------------------------
+def test_eval_subset_spans_the_split():
+    from vitlens.tokenizers.train_vq import spread
+
+    labels = torch.arange(10).repeat_interleave(100)  # a test split stored class by class
+    assert spread(labels, 50).unique().tolist() == list(range(10))
+    assert torch.equal(spread(labels, None), labels)
+
+
 def test_train_tokenizer_cli(tmp_path, capsys):
     out = tmp_path / "vq"
     rc = cli_main(

@@ -51,7 +51,7 @@ class TokenizerTrainConfig:
     # stop after the epoch that exceeds this many minutes (the schedule still spans `epochs`)
     time_budget_min: float | None = None
     init: str | None = None  # start from this tokenizer file (same model options), with a fresh schedule
-    eval_images: int | None = None  # test images used for the per-epoch metrics; None = all
+    eval_images: int | None = None  # test images (evenly spaced) for the per-epoch metrics; None = all
     # palette
     k: int = 512
     palette_iters: int = 10
@@ -78,6 +78,14 @@ def load_images(data: str, split: str, data_dir=None, fraction: float = 1.0, see
     if fraction < 1:
         images = images[torch.as_tensor(nested_fraction_indices(ds.targets, fraction, seed))]
     return images
+
+
+def spread(images: torch.Tensor, n: int | None) -> torch.Tensor:
+    """``n`` evenly spaced items (all if ``n`` is None): test splits are often stored class by class,
+    so the first ``n`` would cover only the first classes."""
+    if not n or n >= len(images):
+        return images
+    return images[torch.linspace(0, len(images) - 1, n).round().long()]
 
 
 @torch.no_grad()
@@ -125,7 +133,7 @@ def _fit_palette(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dic
     t0 = time.perf_counter()
     palette = fit_palette(train, k=cfg.k, seed=cfg.seed, iters=cfg.palette_iters, sample=cfg.palette_sample)
     # How faithful is "every pixel becomes its nearest palette colour"? (full resolution, test set)
-    x = (test[: cfg.eval_images] if cfg.eval_images else test).permute(0, 2, 3, 1).float()  # (N, H, W, 3)
+    x = spread(test, cfg.eval_images).permute(0, 2, 3, 1).float()  # (N, H, W, 3)
     idx = assign_palette(x, palette)
     mse = ((palette[idx] - x) / 255).pow(2).mean().item()
     used = torch.unique(idx).numel()
@@ -165,7 +173,7 @@ def _train_vq(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
     sched = warmup_cosine(
         opt, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=cfg.warmup_steps, base_lr=cfg.lr
     )
-    eval_set = test[: cfg.eval_images] if cfg.eval_images else test
+    eval_set = spread(test, cfg.eval_images)
     n_params = sum(p.numel() for p in model.parameters())
     meta = {"data": cfg.data, "train_images": len(train), "init": cfg.init}
     started, record = time.perf_counter(), {}
