@@ -135,6 +135,8 @@ def test_clear_errors():
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"expected images \(B, C, H, W\)"):
         model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"built for 3-channel images, got 1 channels.*in_chans=1"):
+        model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"unknown model 'vit_micro_patch4_23'.*mean vit_micro_patch4_32"):
         vitlens.create_model("vit_micro_patch4_23")
     with pytest.raises(ValueError, match=r"unknown model 'resnet_18'.*resnet18"):

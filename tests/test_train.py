@@ -203,3 +203,21 @@ def test_config_file_and_overrides(tmp_path):
     path.write_text("modle: resnet8_cifar\n")
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_file(path)
+
+
+def test_model_overrides_pass_data_statistics_to_tokenizers():
+    import warnings
+
+    from vitlens.train.trainer import model_overrides
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    cfg = TrainConfig(**{**TINY, "tokenizer": "pixel", "model_args": {"tokenizer_args": {"k": 16}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the config probe must not build (and warn about) a palette
+        args = model_overrides(cfg, 10, 32, 3, mean, std)
+    assert args["tokenizer"] == "pixel" and args["img_size"] == 32
+    assert args["tokenizer_args"] == {"k": 16, "mean": mean, "std": std}
+    # user-given statistics win; the patch tokenizer takes none
+    cfg = TrainConfig(**{**TINY, "tokenizer": "vq", "model_args": {"tokenizer_args": {"mean": (0, 0, 0)}}})
+    assert model_overrides(cfg, 10, 32, 3, mean, std)["tokenizer_args"]["mean"] == (0, 0, 0)
+    assert "tokenizer_args" not in model_overrides(TrainConfig(**TINY), 10, 32, 3, mean, std)

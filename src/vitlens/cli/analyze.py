@@ -122,6 +122,13 @@ def _loader(ds, batch_size: int, drop_last: bool = False):
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=drop_last and len(ds) > batch_size)
 
 
+def _load_runs(args) -> list[tuple]:
+    """(model, label, meta) for every model named on the command line, labels made unique."""
+    loaded = [_load(spec, args, args.model) for spec in args.runs]
+    labels = _unique_labels([label for _, label, _ in loaded])
+    return [(model, label, meta) for (model, _, meta), label in zip(loaded, labels)]
+
+
 def _unique_labels(labels: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -174,10 +181,8 @@ def run_attention(args) -> int:
     from ..analysis.plots import plot_attention_distance, plot_attention_maps
 
     out, device = Path(args.out), _device(args.device)
-    loaded = [_load(spec, args, args.model) for spec in args.runs]
-    labels = _unique_labels([label for _, label, _ in loaded])
     distances, stats = {}, {}
-    for (model, _, meta), label in zip(loaded, labels):
+    for model, label, meta in _load_runs(args):
         _, test_ds, info = _data(args, model, meta)
         st = attention_statistics(
             model, _loader(_subset(test_ds, args.max_images), args.batch_size), device=device, progress=True
@@ -214,10 +219,8 @@ def run_probe(args) -> int:
     from ..analysis.probes import localization_probes
 
     out, device = Path(args.out), _device(args.device)
-    loaded = [_load(spec, args, args.model) for spec in args.runs]
-    labels = _unique_labels([label for _, label, _ in loaded])
     results, class_acc, pos_acc = {}, {}, {}
-    for (model, _, meta), label in zip(loaded, labels):
+    for model, label, meta in _load_runs(args):
         train_ds, test_ds, _ = _data(args, model, meta)
         res = localization_probes(
             model,

@@ -124,6 +124,12 @@ class VisionTransformer(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 and self.cfg.tokenizer == "patch":
             raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.dim() == 4 and x.shape[1] != self.cfg.in_chans:
+            raise ValueError(
+                f"model built for {self.cfg.in_chans}-channel images, got {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)}); convert the images (e.g. RGB) or build the model with "
+                f"in_chans={x.shape[1]}"
+            )
         if self.cfg.tokenizer == "patch":
             check_divisible(tuple(x.shape[-2:]), self.patch_embed.patch_size)
             if tuple(x.shape[-2:]) != tuple(self.patch_embed.img_size):

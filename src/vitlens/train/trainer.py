@@ -50,17 +50,34 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 9_973 + rank * 101) % (2**31)
 
 
-def model_overrides(cfg: TrainConfig, num_classes: int, img_size: int, in_chans: int) -> dict:
-    """The keyword arguments given to ``create_model``: the data decides classes and size."""
+def model_overrides(
+    cfg: TrainConfig,
+    num_classes: int,
+    img_size: int,
+    in_chans: int,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> dict:
+    """The keyword arguments given to ``create_model``: the data decides classes, size and statistics."""
     args = {"num_classes": num_classes, **cfg.model_args}
-    if cfg.tokenizer:
-        args["tokenizer"] = cfg.tokenizer
-    probe = create_model(cfg.model, **{k: v for k, v in args.items() if k != "tokenizer_args"})
+    # The probe only tells which config fields the model has; it is built without a tokenizer,
+    # so it neither loads tokenizer files nor warns about an unfitted palette.
+    probe_args = {k: v for k, v in args.items() if k not in ("tokenizer", "tokenizer_args")}
+    probe = create_model(cfg.model, **probe_args)
     fields = probe.cfg.__dataclass_fields__ if hasattr(probe, "cfg") else {}
     if "img_size" in fields and "img_size" not in cfg.model_args:
         args["img_size"] = img_size  # ViTs are built for the data's resolution
     if "in_chans" in fields and in_chans != 3:
         args["in_chans"] = in_chans
+    if cfg.tokenizer:
+        args["tokenizer"] = cfg.tokenizer
+        if cfg.tokenizer in ("pixel", "vq") and mean is not None and std is not None:
+            # Pixel and VQ tokenizers un-normalise their input back to [0, 1] colours, so they
+            # must know the statistics this data was normalised with (user values win).
+            targs = dict(args.get("tokenizer_args") or {})
+            targs.setdefault("mean", tuple(mean))
+            targs.setdefault("std", tuple(std))
+            args["tokenizer_args"] = targs
     return args
 
 
@@ -217,7 +234,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     mixer = build_batch_mixer(info.num_classes, cfg.mixup, cfg.cutmix)
 
     # ---- model, optimiser, schedule
-    margs = model_overrides(cfg, info.num_classes, info.img_size, info.in_chans)
+    margs = model_overrides(cfg, info.num_classes, info.img_size, info.in_chans, info.mean, info.std)
     model = create_model(cfg.model, **margs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -276,6 +293,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     # ---- epochs
     started = time.perf_counter()
     epochs_this_run = 0
+
+    def evaluate_on_test(m: nn.Module) -> dict:
+        return evaluate(
+            m,
+            test_ds,
+            batch_size=local_bs * 2,
+            device=device,
+            amp_dtype=amp_dtype,
+            dist_info=dinfo,
+            num_workers=cfg.num_workers,
+        )
+
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, dinfo.rank))
         sampler.set_epoch(epoch)
@@ -334,26 +363,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         }
         is_last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or is_last:
-            ev = evaluate(
-                model,
-                test_ds,
-                batch_size=local_bs * 2,
-                device=device,
-                amp_dtype=amp_dtype,
-                dist_info=dinfo,
-                num_workers=cfg.num_workers,
-            )
+            ev = evaluate_on_test(model)
             record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
             if ema is not None:
-                ev_ema = evaluate(
-                    ema.module,
-                    test_ds,
-                    batch_size=local_bs * 2,
-                    device=device,
-                    amp_dtype=amp_dtype,
-                    dist_info=dinfo,
-                    num_workers=cfg.num_workers,
-                )
+                ev_ema = evaluate_on_test(ema.module)
                 record.update({"ema_test_top1": ev_ema["top1"], "ema_test_top5": ev_ema["top5"]})
         log.write(record)
         if dinfo.is_main and cfg.progress:
