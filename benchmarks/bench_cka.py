@@ -195,8 +195,8 @@ def phase_ours(args) -> dict:
     with Timer() as t:
         m, _, _ = cka_matrix(
             vit,
-            loader,
             cnn,
+            loader,
             layers_a=la,
             layers_b=lb,
             token_policy="flatten",
@@ -234,7 +234,7 @@ def phase_torch_cka(args) -> dict:
     for mod in (*vit.modules(), *cnn.modules()):  # torch-cka never removes its hooks
         mod._forward_hooks.clear()
     ours = {
-        dt: cka_matrix(vit, loader, cnn, layers_a=la, layers_b=lb, progress=False, gram_dtype=dt)[0]
+        dt: cka_matrix(vit, cnn, loader, layers_a=la, layers_b=lb, progress=False, gram_dtype=dt)[0]
         for dt in (torch.float32, torch.float64)
     }
     return {

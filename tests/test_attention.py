@@ -148,9 +148,8 @@ def test_accumulate_concatenates_batches(vit):
     assert rec["blocks.0.attn"].shape[0] == 5
 
 
-def test_huggingface_vit_switches_to_eager_and_back():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(
+def _hf_config(transformers, cls=None):
+    return (cls or transformers.ViTConfig)(
         image_size=32,
         patch_size=4,
         hidden_size=32,
@@ -158,24 +157,45 @@ def test_huggingface_vit_switches_to_eager_and_back():
         num_attention_heads=2,
         intermediate_size=64,
     )
-    model = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
-    before = model.config._attn_implementation
+
+
+def test_huggingface_vit_records_one_layer_and_keeps_sdpa_elsewhere(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.ViTModel(_hf_config(transformers), add_pooling_layer=False).eval()
+    model.set_attn_implementation("sdpa")
     x = torch.randn(2, 3, 32, 32)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    with torch.no_grad(), record_attention(model, layers=[0]) as rec:
+        model(x)
+        assert model.config._attn_implementation == "sdpa"  # the shared config is untouched
+    assert len(calls) == 1  # layer 1 kept the fused kernel; layer 0 ran eager to give its weights
+    layer0 = model.get_submodule(rec.layers[0])
+    assert layer0.config is model.config  # restored
     with torch.no_grad(), record_attention(model) as rec:
         model(x)
-        assert model.config._attn_implementation == "eager"
-    assert model.config._attn_implementation == before
     assert len(rec.layers) == 2
     # the reference: Hugging Face's own output_attentions under eager attention
     model.set_attn_implementation("eager")
     with torch.no_grad():
         ref = model(x, output_attentions=True).attentions
-    model.set_attn_implementation(before)
     for got, want in zip(rec.in_order(), ref):
         torch.testing.assert_close(got, want)
     geo = token_geometry(model)
     assert (geo.grid_size, geo.patch_size, geo.num_prefix_tokens) == ((8, 8), (4, 4), 1)
     assert mean_attention_distance(model, [x]).shape == (2, 2)
+
+
+def test_huggingface_deit_distillation_token_is_left_out_of_the_geometry():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.DeiTModel(_hf_config(transformers, transformers.DeiTConfig), add_pooling_layer=False)
+    geo = token_geometry(model.eval())
+    assert (geo.grid_size, geo.num_prefix_tokens, geo.has_cls) == ((8, 8), 2, True)  # [CLS] + distillation
+    d = mean_attention_distance(model, [torch.randn(2, 3, 32, 32)])
+    assert d.shape == (2, 2) and np.isfinite(d).all()
 
 
 def test_clear_errors(vit):

@@ -246,3 +246,26 @@ def test_prefix_tokens_with_registers():
     assert infer_num_prefix_tokens(torchvision.models.resnet18()) == 0
     with ActivationCapture(reg, ["blocks.0"], "mean", num_prefix_tokens={"blocks.0": 3}) as cap:
         assert cap.prefix["blocks.0"] == 3
+
+
+def test_patch_embedding_submodules_have_no_prefix_tokens(vit):
+    assert layer_prefix_tokens(vit, "patch_embed") == 0
+    assert layer_prefix_tokens(vit, "patch_embed.proj") == layer_prefix_tokens(vit, "patch_embed.norm") == 0
+    assert layer_prefix_tokens(vit, "blocks.0.norm1") == 1
+
+
+def test_cls_policy_default_layers_skip_the_patch_embedding(vit):
+    assert default_layers(vit, "cls") == [f"blocks.{i}" for i in range(12)]
+    with ActivationCapture(vit, None, "cls") as cap:
+        assert list(cap.run(images(2))) == [f"blocks.{i}" for i in range(12)]
+
+
+def test_captured_activations_can_train_a_probe(vit):
+    """Captures are plain tensors (no_grad, not inference_mode): a probe can be trained on them."""
+    with ActivationCapture(vit, ["blocks.3"], "cls") as cap:
+        feats = cap.run(images(4))["blocks.3"]
+    feats += 0  # in-place use is allowed
+    probe = nn.Linear(feats.shape[1], 2)
+    loss = nn.functional.cross_entropy(probe(feats), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    assert probe.weight.grad is not None and probe.weight.grad.abs().sum() > 0

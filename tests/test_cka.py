@@ -279,8 +279,8 @@ def test_cka_matrix_equals_manual_float64_accumulation():
     layers_b = ["maxpool", "layer2.1", "layer4.1"]
     m, na, nb = cka_matrix(
         vit,
-        data,
         cnn,
+        data,
         layers_a=layers_a,
         layers_b=layers_b,
         token_policy=("cls", "mean"),
@@ -319,7 +319,7 @@ def test_cka_matrix_agrees_with_torch_cka_package():
         ref.compare(loader)
     for mod in (*vit.modules(), *cnn.modules()):  # torch-cka never removes its hooks
         mod._forward_hooks.clear()
-    ours, _, _ = cka_matrix(vit, loader, cnn, layers_a=layers_a, layers_b=layers_b, progress=False)
+    ours, _, _ = cka_matrix(vit, cnn, loader, layers_a=layers_a, layers_b=layers_b, progress=False)
     # torch-cka works in float32 on uncentred Grams, which costs it ~3-4 digits here (its formula
     # replayed in float64 agrees with ours to 1e-12), hence the loose tolerance.
     assert np.allclose(ours, ref.export()["CKA"].double().numpy(), atol=1e-3)
@@ -332,6 +332,29 @@ def test_cka_matrix_errors():
     with pytest.raises(ValueError, match="layers_b given without model_b"):
         cka_matrix(model, image_batches(1), layers_b=["blocks.0"], progress=False)
     with pytest.raises(ValueError, match="token_policy='cls'.*without a class token"):
-        cka_matrix(model, image_batches(1), token_policy="cls", progress=False)  # default layers: patch_embed
+        cka_matrix(
+            model, image_batches(1), layers_a=["patch_embed", "blocks.0"], token_policy="cls", progress=False
+        )
+    cnn = torchvision.models.resnet18(num_classes=10)
+    with pytest.raises(
+        TypeError, match=r"model_b must be an nn.Module or None, got list; the data comes third"
+    ):
+        cka_matrix(model, image_batches(1), cnn, progress=False)  # the data in model_b's place
+    with pytest.raises(TypeError, match="needs data"):
+        cka_matrix(model, cnn, progress=False)
     with pytest.raises(TypeError, match="cannot find images"):
         cka_matrix(model, [{"foo": 1}], progress=False)
+
+
+def test_cka_matrix_call_forms_and_cls_default_layers():
+    """(model_a, model_b, data) as documented; (model, data) and data= for one model; the 'cls'
+    policy's default layers leave out the patch embedding (no [CLS] there) instead of failing."""
+    vit, cnn = tiny_vit(), torchvision.models.resnet18(num_classes=10)
+    data = image_batches(2, b=8)
+    m1, names, _ = cka_matrix(vit, None, data, progress=False)
+    m2, _, _ = cka_matrix(vit, data, progress=False)
+    m3, _, _ = cka_matrix(vit, data=data, progress=False)
+    assert np.array_equal(m1, m2) and np.array_equal(m1, m3) and names[0] == "patch_embed"
+    m, names_a, names_b = cka_matrix(vit, cnn, data, token_policy=("cls", "mean"), progress=False)
+    assert names_a == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert names_b[0] == "maxpool" and m.shape == (4, len(names_b)) and np.isfinite(m).all()

@@ -157,3 +157,34 @@ def test_cli_attention_probe_cka_end_to_end(tmp_path, capsys):
 
     assert main(["attention", str(cnn_run), "--out", str(tmp_path / "x"), *common]) == 2  # one clear line
     assert "no attention layers" in capsys.readouterr().err
+
+
+def test_cli_cka_timm_name_with_checkpoint_and_cls_mean_policy(tmp_path, capsys):
+    """`vitlens cka timm:NAME torchvision:NAME --checkpoint W --checkpoint-b W2 --token-policy cls,mean`:
+    the weights are really loaded (the matrix differs from random init), and the patch embedding,
+    which has no [CLS], is left out of the default layers instead of failing."""
+    import timm
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+    cnn = torchvision.models.resnet18(num_classes=10)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    torch.save(cnn.state_dict(), tmp_path / "cnn.pth")
+    common = ["--max-images", "16", "--batch-size", "8", "--device", "cpu", "--num-classes", "10"]
+    names = ["cka", "timm:vit_tiny_patch16_224", "torchvision:resnet18", "--token-policy", "cls,mean"]
+    weights = ["--checkpoint", str(tmp_path / "vit.safetensors"), "--checkpoint-b", str(tmp_path / "cnn.pth")]
+    assert main([*names, *weights, "--out", str(tmp_path / "loaded"), *common]) == 0
+    assert main([*names, "--out", str(tmp_path / "random"), *common]) == 0
+    loaded = json.loads((tmp_path / "loaded" / "cka.json").read_text())
+    assert loaded["names_a"] == [f"blocks.{i}" for i in range(12)] and loaded["names_b"][0] == "maxpool"
+    m_loaded = np.array(loaded["matrix"])
+    m_random = np.array(json.loads((tmp_path / "random" / "cka.json").read_text())["matrix"])
+    assert m_loaded.shape == (12, 9) and np.isfinite(m_loaded).all()
+    assert not np.allclose(m_loaded, m_random, atol=1e-3)  # the checkpoints were used
+    # a checkpoint next to a run directory (which has its own weights) is one clear error line
+    run, _ = _run_dir(tmp_path)
+    bad = ["cka", str(run), "--checkpoint", str(tmp_path / "cnn.pth"), "--out", str(tmp_path / "x"), *common]
+    assert main(bad) == 2
+    assert "brings its own weights" in capsys.readouterr().err

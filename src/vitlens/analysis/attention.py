@@ -30,7 +30,8 @@ and each query's patch-to-patch attention is renormalised to sum to 1, so the fi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from ..layers.attention import Attention as VitlensAttention
+from .capture import infer_num_prefix_tokens
 
 LayerSpec = Sequence[str | int] | str | int | None
 
@@ -116,6 +118,7 @@ class AttentionRecord:
     layers: list[str]
     accumulate: bool = False
     probs: dict[str, torch.Tensor] = field(default_factory=dict)
+    sink: Callable[[str, torch.Tensor], None] | None = None  # gets each layer's probs instead of storing
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         if layer not in self.probs:
@@ -136,6 +139,9 @@ class AttentionRecord:
                 f"(got {None if probs is None else tuple(probs.shape)}); its attention class is not supported"
             )
         probs = probs.detach()
+        if self.sink is not None:  # reduced at once: no layer's (B, H, L, L) outlives its own forward
+            self.sink(name, probs)
+            return
         if self.accumulate and name in self.probs:
             probs = torch.cat([self.probs[name], probs], dim=0)
         self.probs[name] = probs
@@ -143,24 +149,27 @@ class AttentionRecord:
 
 @contextmanager
 def record_attention(
-    model: nn.Module, layers: LayerSpec = None, *, accumulate: bool = False
+    model: nn.Module,
+    layers: LayerSpec = None,
+    *,
+    accumulate: bool = False,
+    sink: Callable[[str, torch.Tensor], None] | None = None,
 ) -> Iterator[AttentionRecord]:
     """Within the context, forward passes of ``model`` record the chosen layers' attention probabilities.
+
+    ``sink(layer_name, probs)``: called with each layer's probabilities as soon as that layer has
+    run, instead of keeping them (streaming statistics with one layer's probabilities in memory).
 
     >>> with record_attention(model, layers=[0, -1]) as rec:
     ...     model(images)
     >>> rec.probs["blocks.0.attn"].shape  # (B, heads, L, L)
     """
     names = resolve_attention_layers(model, layers)
-    record = AttentionRecord(names, accumulate)
+    record = AttentionRecord(names, accumulate, sink=sink)
     modules = dict(model.named_modules())
     hf_classes = _hf_attention_classes(model)
     handles, restore = [], []
     try:
-        if any(_kind(modules[n], hf_classes) == "hf" for n in names):
-            previous = model.config._attn_implementation
-            model.set_attn_implementation("eager")
-            restore.append(lambda prev=previous: model.set_attn_implementation(prev))
         for name in names:
             m = modules[name]
             kind = _kind(m, hf_classes)
@@ -181,6 +190,11 @@ def record_attention(
                     )
                 )
             else:  # Hugging Face: (attn_output, attn_weights)
+                # Only this layer switches to eager attention (the one that returns weights): it gets
+                # its own shallow copy of the shared config, so every other layer keeps SDPA/flash.
+                restore.append(lambda m=m, prev=m.config: setattr(m, "config", prev))
+                m.config = copy.copy(m.config)
+                m.config._attn_implementation = "eager"
                 handles.append(
                     m.register_forward_hook(
                         lambda _m, _inp, out, name=name: record._store(
@@ -231,8 +245,12 @@ def token_geometry(model: nn.Module) -> TokenGeometry:
         )
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "patch_size") and hasattr(cfg, "image_size"):  # Hugging Face ViT
+        # Prefix tokens from the model's own parameters: [CLS], DeiT's distillation token,
+        # DINOv2's registers. The grid is the config's image size (the input must have that size).
         img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
-        return TokenGeometry((img[0] // patch[0], img[1] // patch[1]), patch, 1, True)
+        has_cls = any(name.endswith("cls_token") for name, _ in model.named_parameters())
+        prefix = infer_num_prefix_tokens(model)
+        return TokenGeometry((img[0] // patch[0], img[1] // patch[1]), patch, prefix, has_cls)
     raise ValueError(
         f"cannot tell where {type(model).__name__}'s tokens sit in the image: it needs a patch_embed with "
         "grid_size and patch_size (vitlens/timm ViT) or a Hugging Face ViT config"
@@ -319,27 +337,31 @@ def attention_statistics(
     distances = patch_distances(geo.grid_size, geo.patch_size).to(device)
     dist_sums: dict[str, torch.Tensor] = {}
     ent_sums: dict[str, torch.Tensor] = {}
+    n_tokens = 0
+
+    def reduce_layer(n: str, probs: torch.Tensor) -> None:  # per layer, inside its forward
+        nonlocal n_tokens
+        d = _distance_sum(probs, distances, geo.num_prefix_tokens)  # (H,)
+        e = attention_entropy(probs, reduce=False).sum(dim=(0, 2))  # (H,)
+        dist_sums[n] = dist_sums[n] + d if n in dist_sums else d
+        ent_sums[n] = ent_sums[n] + e if n in ent_sums else e
+        n_tokens = probs.shape[-2]
+
     images_seen = 0
     was_training = model.training
     model.to(device).eval()
     try:
-        with record_attention(model, names) as rec:
+        with record_attention(model, names, sink=reduce_layer):
             for i, batch in enumerate(tqdm(data, desc="attention", disable=not progress, leave=False)):
                 if max_batches is not None and i >= max_batches:
                     break
                 images = _images(batch).to(device)
                 model(images)
-                for n in names:
-                    d = _distance_sum(rec[n], distances, geo.num_prefix_tokens)  # (H,)
-                    e = attention_entropy(rec[n], reduce=False).sum(dim=(0, 2))  # (H,)
-                    dist_sums[n] = dist_sums[n] + d if n in dist_sums else d
-                    ent_sums[n] = ent_sums[n] + e if n in ent_sums else e
                 images_seen += images.shape[0]
     finally:
         model.train(was_training)
     if images_seen == 0:
         raise ValueError("no batches to measure attention on; the data iterable is empty")
-    n_tokens = rec[names[0]].shape[-2]
     return {
         "layers": names,
         "distance": torch.stack([dist_sums[n] for n in names])

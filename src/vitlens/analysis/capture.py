@@ -118,14 +118,18 @@ def layer_prefix_tokens(model: nn.Module, layer: str, num_prefix_tokens: int | N
 
     The patch embedding runs before [CLS] is prepended, so its output is patch tokens only.
     """
-    leaf = layer.rsplit(".", 1)[-1]
-    if "patch_embed" in leaf:  # timm/vitlens "patch_embed", HF "patch_embeddings"
+    # Anything inside a patch embedding too ("patch_embed.proj", "patch_embed.norm"):
+    # timm/vitlens "patch_embed", HF "patch_embeddings".
+    if any("patch_embed" in part for part in layer.split(".")):
         return 0
     return infer_num_prefix_tokens(model) if num_prefix_tokens is None else num_prefix_tokens
 
 
-def default_layers(model: nn.Module) -> list[str]:
+def default_layers(model: nn.Module, token_policy: TokenPolicy | None = None) -> list[str]:
     """A sensible ordered list of layers to analyse, input to output.
+
+    With ``token_policy="cls"`` the layers without a [CLS] token (the patch embedding, whose
+    output is patch tokens only) are left out, since there is nothing for that policy to take.
 
     * ViT (timm or vitlens; has a ``blocks`` list): ``["patch_embed", "blocks.0", ..., "blocks.{L-1}"]``;
     * ResNet (torchvision or vitlens; has ``layer1``...): the stem output (``"maxpool"``, or ``"relu"``)
@@ -138,7 +142,7 @@ def default_layers(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
-        embed = ["patch_embed"] if "patch_embed" in modules else []
+        embed = ["patch_embed"] if "patch_embed" in modules and token_policy != "cls" else []
         return embed + [f"blocks.{i}" for i in range(len(blocks))]
 
     if isinstance(modules.get("layer1"), nn.Sequential):
@@ -163,9 +167,11 @@ def default_layers(model: nn.Module) -> list[str]:
     )
 
 
-def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+def _resolve_layers(
+    model: nn.Module, layers: Sequence[str] | None, token_policy: TokenPolicy | None = None
+) -> list[str]:
     """Validate layer names against ``named_modules()`` with a did-you-mean error."""
-    layers = default_layers(model) if layers is None else list(layers)
+    layers = default_layers(model, token_policy) if layers is None else list(layers)
     if not layers:
         raise ValueError("layers is empty; pass at least one module name (or None for default_layers(model))")
     if len(set(layers)) != len(layers):
@@ -237,7 +243,7 @@ class ActivationCapture:
                 f"unknown token policy {token_policy!r}; choose one of {TOKEN_POLICIES} or a callable"
             )
         self.model = model
-        self.layers = _resolve_layers(model, layers)
+        self.layers = _resolve_layers(model, layers, token_policy)
         self.token_policy = token_policy
         self.transform = transform
         modules = dict(model.named_modules())
@@ -287,14 +293,17 @@ class ActivationCapture:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """Forward ``model(*args, **kwargs)`` under ``torch.inference_mode`` and return this batch's
-        captures, ordered like ``layers``. The model's own output is discarded."""
+        """Forward ``model(*args, **kwargs)`` under ``torch.no_grad`` and return this batch's
+        captures, ordered like ``layers``. The model's own output is discarded.
+
+        ``no_grad`` rather than ``inference_mode``: the captured tensors stay ordinary tensors that
+        may be modified in place or fed to a probe that is trained with autograd."""
         if not self._handles:
             raise RuntimeError(
                 "ActivationCapture.run() needs the hooks: use it inside `with ActivationCapture(...)`"
             )
         self.clear()
-        with torch.inference_mode():
+        with torch.no_grad():
             self.model(*args, **kwargs)
         return self.collect()
 

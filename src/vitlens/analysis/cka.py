@@ -359,8 +359,8 @@ def _split_policy(
 
 def cka_matrix(
     model_a: nn.Module,
-    data: Iterable,
     model_b: nn.Module | None = None,
+    data: Iterable | None = None,
     *,
     layers_a: Sequence[str] | None = None,
     layers_b: Sequence[str] | None = None,
@@ -375,12 +375,17 @@ def cka_matrix(
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Layer-by-layer minibatch CKA between ``model_a`` and ``model_b`` (or ``model_a`` and itself).
 
+    Called as ``cka_matrix(model_a, model_b, data)``; within one model as
+    ``cka_matrix(model, None, data)``, ``cka_matrix(model, data=data)`` or ``cka_matrix(model, data)``
+    (data is never an ``nn.Module``, so the last form is unambiguous).
+
     One pass over ``data`` (an iterable of image tensors or ``(images, labels)`` batches): each
-    batch runs through both models under ``torch.inference_mode`` in eval mode; forward hooks
-    reduce each layer's output (``token_policy``, or a ``(policy_a, policy_b)`` pair such as
+    batch runs through both models under ``torch.no_grad`` in eval mode; forward hooks reduce
+    each layer's output (``token_policy``, or a ``(policy_a, policy_b)`` pair such as
     ``("cls", "mean")`` for ViT vs ResNet) and turn it into a ``(b, b)`` Gram matrix at once, so
     memory does not grow with the dataset. With ``model_b=None`` the model runs once per batch
-    and its Grams serve both sides. Layers default to :func:`default_layers`.
+    and its Grams serve both sides. Layers default to :func:`default_layers` (for the ``"cls"``
+    policy, without the patch embedding, which has no [CLS] token).
 
     ``gram_dtype``: float32 (default) centres and multiplies features in single precision with
     float64 accumulation (relative error ~1e-7, several times faster on CPU); float64 for
@@ -389,6 +394,19 @@ def cka_matrix(
     """
     from tqdm.auto import tqdm
 
+    if model_b is not None and not isinstance(model_b, nn.Module):
+        if data is not None:
+            raise TypeError(
+                f"cka_matrix(model_a, model_b, data): model_b must be an nn.Module or None, got "
+                f"{type(model_b).__name__}; the data comes third (or as data=...)"
+            )
+        model_b, data = None, model_b  # cka_matrix(model, data): a model with itself
+    if data is None:
+        raise TypeError(
+            "cka_matrix needs data: cka_matrix(model_a, model_b, data) or cka_matrix(model, data=...)"
+        )
+    if not isinstance(model_a, nn.Module):
+        raise TypeError(f"cka_matrix: model_a must be an nn.Module, got {type(model_a).__name__}")
     policy_a, policy_b = _split_policy(token_policy)
     self_compare = model_b is None or (
         model_b is model_a
@@ -399,8 +417,8 @@ def cka_matrix(
         raise ValueError(
             "layers_b given without model_b; pass model_b=model_a to compare two layer sets of one model"
         )
-    names_a = _resolve_layers(model_a, layers_a)
-    names_b = names_a if self_compare else _resolve_layers(model_b, layers_b)
+    names_a = _resolve_layers(model_a, layers_a, policy_a)
+    names_b = names_a if self_compare else _resolve_layers(model_b, layers_b, policy_b)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
 

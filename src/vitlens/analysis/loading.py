@@ -48,6 +48,12 @@ def load_model_and_meta(
         return model.eval(), spec, {}
 
     if path.is_dir() or path.is_file():
+        if checkpoint is not None:
+            raise ValueError(
+                f"a checkpoint ({checkpoint}) was given for {spec}, which is a run directory or file and "
+                "brings its own weights; give the checkpoint with a model name (NAME, timm:NAME, "
+                "torchvision:NAME), or the file itself with --model NAME"
+            )
         ckpt = find_checkpoint(path, which)
         state, meta = load_state_dict_file(ckpt)
         label = path.name if path.is_dir() else _file_label(ckpt)

@@ -32,6 +32,12 @@ def _common(p) -> None:
         "--model", default=None, help="architecture of a foreign (timm/torchvision) checkpoint RUN"
     )
     p.add_argument("--num-classes", type=int, default=None, help="head size of a model built from a name")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="weights for a model given by name (registered name, timm:NAME, torchvision:NAME); "
+        "timm, torchvision, Hugging Face or vitlens layout, .safetensors or .pt/.pth",
+    )
 
 
 def register(sub) -> None:
@@ -42,6 +48,7 @@ def register(sub) -> None:
     )
     _common(c)
     c.add_argument("--model-b", default=None, help="architecture of a foreign checkpoint RUN_B")
+    c.add_argument("--checkpoint-b", default=None, help="weights for RUN_B given by name (see --checkpoint)")
     c.add_argument("--max-images", type=int, default=1024, help="test images used (a fixed random subset)")
     c.add_argument("--layers-a", nargs="+", default=None, help="module names (default: default_layers)")
     c.add_argument("--layers-b", nargs="+", default=None)
@@ -83,10 +90,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load(spec: str, args, model_name: str | None = None):
+def _load(spec: str, args, model_name: str | None = None, checkpoint: str | None = None):
     from ..analysis.loading import load_model_and_meta
 
-    return load_model_and_meta(spec, model_name=model_name, num_classes=args.num_classes, which=args.which)
+    return load_model_and_meta(
+        spec, model_name=model_name, num_classes=args.num_classes, checkpoint=checkpoint, which=args.which
+    )
 
 
 def _img_size(model, meta: dict) -> int | None:
@@ -124,7 +133,7 @@ def _loader(ds, batch_size: int, drop_last: bool = False):
 
 def _load_runs(args) -> list[tuple]:
     """(model, label, meta) for every model named on the command line, labels made unique."""
-    loaded = [_load(spec, args, args.model) for spec in args.runs]
+    loaded = [_load(spec, args, args.model, args.checkpoint) for spec in args.runs]
     labels = _unique_labels([label for _, label, _ in loaded])
     return [(model, label, meta) for (model, _, meta), label in zip(loaded, labels)]
 
@@ -152,18 +161,18 @@ def run_cka(args) -> int:
     from ..analysis.plots import plot_cka_heatmap
 
     out, device = Path(args.out), _device(args.device)
-    model_a, label_a, meta_a = _load(args.run_a, args, args.model)
+    model_a, label_a, meta_a = _load(args.run_a, args, args.model, args.checkpoint)
     model_b, label_b = None, label_a
     if args.run_b is not None:
-        model_b, label_b, _ = _load(args.run_b, args, args.model_b)
+        model_b, label_b, _ = _load(args.run_b, args, args.model_b, args.checkpoint_b)
         label_a, label_b = _unique_labels([label_a, label_b])
     _, test_ds, _ = _data(args, model_a, meta_a)
     policy = tuple(args.token_policy.split(",")) if "," in args.token_policy else args.token_policy
     loader = _loader(_subset(test_ds, args.max_images), args.batch_size, drop_last=True)
     matrix, names_a, names_b = cka_matrix(
         model_a,
-        loader,
         model_b,
+        loader,
         layers_a=args.layers_a,
         layers_b=args.layers_b,
         token_policy=policy,

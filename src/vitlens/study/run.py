@@ -142,7 +142,7 @@ def analyse(cfg: StudyConfig, study_dir: Path, records: list[dict], log=print) -
     for label, model in models.items():
 
         def compute(model=model):
-            matrix, names, _ = cka_matrix(model, loader(a["cka_images"]), progress=False)
+            matrix, names, _ = cka_matrix(model, None, loader(a["cka_images"]), progress=False)
             return {"matrix": matrix.tolist(), "names": list(names)}
 
         within[label] = _cached(analysis_dir / f"cka_{label}.json", compute, log)
@@ -152,7 +152,7 @@ def analyse(cfg: StudyConfig, study_dir: Path, records: list[dict], log=print) -
 
             def compute(va=va, cb=cb):
                 matrix, names_a, names_b = cka_matrix(
-                    models[va], loader(a["cka_images"]), models[cb], progress=False
+                    models[va], models[cb], loader(a["cka_images"]), progress=False
                 )
                 return {
                     "a": va,
