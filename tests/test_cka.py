@@ -358,3 +358,18 @@ def test_cka_matrix_call_forms_and_cls_default_layers():
     m, names_a, names_b = cka_matrix(vit, cnn, data, token_policy=("cls", "mean"), progress=False)
     assert names_a == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
     assert names_b[0] == "maxpool" and m.shape == (4, len(names_b)) and np.isfinite(m).all()
+
+
+def test_cka_matrix_one_model_two_layer_sets_runs_it_once_per_batch():
+    import copy
+
+    vit = tiny_vit().eval()
+    data = image_batches(3, b=8)
+    calls = []
+    h = vit.register_forward_pre_hook(lambda m, a: calls.append(1))
+    kwargs = dict(layers_a=["blocks.0", "blocks.1"], layers_b=["blocks.2", "blocks.3"], progress=False)
+    m_same, _, _ = cka_matrix(vit, vit, data, token_policy=("cls", "mean"), **kwargs)
+    h.remove()
+    assert len(calls) == len(data)  # one forward per batch fills both layer sets
+    m_copy, _, _ = cka_matrix(vit, copy.deepcopy(vit), data, token_policy=("cls", "mean"), **kwargs)
+    np.testing.assert_allclose(m_same, m_copy, atol=1e-9)

@@ -452,8 +452,15 @@ def cka_matrix(
                 if max_batches is not None and i >= max_batches:
                     break
                 images = _batch_images(batch).to(device, non_blocking=True)
-                grams_a = torch.stack(list(cap_a.run(images).values()))
-                grams_b = None if self_compare else torch.stack(list(cap_b.run(images).values()))
+                if self_compare:
+                    grams_a, grams_b = torch.stack(list(cap_a.run(images).values())), None
+                elif model_b is model_a:  # two layer sets / policies of one model: one forward fills both
+                    cap_b.clear()
+                    grams_a = torch.stack(list(cap_a.run(images).values()))
+                    grams_b = torch.stack(list(cap_b.collect().values()))
+                else:
+                    grams_a = torch.stack(list(cap_a.run(images).values()))
+                    grams_b = torch.stack(list(cap_b.run(images).values()))
                 acc.update_grams(grams_a, grams_b)
     finally:
         for m, t in zip(models, was_training):
