@@ -116,3 +116,52 @@ def test_probe_data_errors():
         localization_probes(Planted(), [torch.zeros(2, K)], [], ["what"])
     with pytest.raises(ValueError, match="empty"):
         localization_probes(Planted(), [], [], ["what"])
+
+
+class Rotated(nn.Module):
+    """Class coded differently at every position: token n = one_hot(class) @ R_n (+ noise), with
+    R_n a random orthogonal matrix per position. One shared linear probe cannot read it (the
+    positions contradict each other); one probe per position reads it exactly."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("rot", torch.linalg.qr(torch.randn(N, K, K, generator=g))[0])
+        self.tokens = nn.Identity()
+
+    def forward(self, x):
+        self.tokens(torch.einsum("bk,nkd->bnd", x, self.rot) + 0.05 * torch.randn(x.shape[0], N, K))
+        return x
+
+
+def test_per_position_class_probe_reads_position_specific_codes():
+    train, test = _planted_data(6), _planted_data(2, seed=1)
+    torch.manual_seed(0)  # the same token noise in both runs
+    shared = localization_probes(Rotated(), train, test, ["tokens"])["tokens"]
+    torch.manual_seed(0)
+    own = localization_probes(Rotated(), train, test, ["tokens"], class_probe="per_position")["tokens"]
+    assert own["class_probe"] == "per_position" and own["class_acc"] == 1.0
+    assert shared["class_acc"] < 0.6  # chance 0.2
+    assert own["position_acc"] == shared["position_acc"]  # the position probe is unchanged
+    with pytest.raises(ValueError, match="class_probe must be"):
+        localization_probes(Rotated(), train, test, ["tokens"], class_probe="each")
+
+
+def test_per_position_ridge_equals_one_fit_per_position():
+    from vitlens.analysis.probes import _PerPositionRidgeStats
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(200, 3, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2, 3, 4]) + 1
+    y = torch.randint(0, 5, (200,), generator=g)
+    batched = _PerPositionRidgeStats.empty(3, 4, "cpu")
+    for chunk in torch.arange(200).chunk(4):
+        batched.update(t[chunk], y[chunk])
+    w, b = batched.solve(ridge=1e-2)
+    for p in range(3):
+        one = _RidgeStats.empty(4, 1, "cpu")
+        one.update(t[:, p], y)
+        w1, b1 = one.solve(ridge=1e-2)
+        torch.testing.assert_close(w[p], w1, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b[p], b1, rtol=1e-10, atol=1e-12)

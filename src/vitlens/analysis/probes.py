@@ -8,6 +8,9 @@ feature map) two linear read-outs are fitted on a train split and scored on a te
   parameter even on a few hundred images; ``class_acc_map`` is its test accuracy at each
   position, ``class_acc`` the average over positions. A ViT trained with [CLS] tends to keep
   class information out of late patch tokens; a GAP-trained ViT or a CNN does not.
+  ``class_probe="per_position"`` fits one probe per position instead (each on one token per
+  image: fewer examples per parameter, but it can read class information that is coded
+  differently at different positions).
 * **position probe**: the token's own position index (how much spatial information the
   layer still holds); chance is 1 / positions.
 
@@ -102,6 +105,46 @@ class _RidgeStats:
         return w, ybar - mu @ w
 
 
+@dataclass
+class _PerPositionRidgeStats:
+    """:class:`_RidgeStats` for N positions at once: one ridge fit of one-hot labels per position."""
+
+    sx: torch.Tensor  # (N, D)
+    sxx: torch.Tensor  # (N, D, D)
+    sxy: torch.Tensor  # (N, D, K)
+    sy: torch.Tensor  # (K,) the same images (so labels) at every position
+    n: int = 0
+
+    @classmethod
+    def empty(cls, positions: int, dim: int, device) -> _PerPositionRidgeStats:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(positions, dim), z(positions, dim, dim), z(positions, dim, 1), z(1))
+
+    def update(self, t: torch.Tensor, y: torch.Tensor) -> None:
+        """t (B, N, D) float64, y (B,) int labels."""
+        k = max(int(y.max()) + 1, self.sy.shape[0])
+        if k > self.sy.shape[0]:
+            self.sxy = F.pad(self.sxy, (0, k - self.sy.shape[0]))
+            self.sy = F.pad(self.sy, (0, k - self.sy.shape[0]))
+        tn = t.transpose(0, 1)  # (N, B, D)
+        onehot = F.one_hot(y, k).to(t.dtype)  # (B, K)
+        self.sx += tn.sum(1)
+        self.sxx += tn.transpose(1, 2) @ tn
+        self.sxy += tn.transpose(1, 2) @ onehot
+        self.sy += onehot.sum(0)
+        self.n += t.shape[0]
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (N, D, K), b (N, K)): per position, the centred ridge fit of :meth:`_RidgeStats.solve`."""
+        mu, ybar = self.sx / self.n, self.sy / self.n  # (N, D), (K,)
+        sxx = self.sxx - self.n * mu[:, :, None] * mu[:, None, :]
+        sxy = self.sxy - self.n * mu[:, :, None] * ybar[None, None, :]
+        lam = ridge * sxx.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (N,)
+        eye = torch.eye(sxx.shape[1], dtype=sxx.dtype, device=sxx.device)
+        w = torch.linalg.solve(sxx + lam[:, None, None] * eye, sxy)
+        return w, ybar[None, :] - torch.einsum("nd,ndk->nk", mu, w)
+
+
 def _batches(data: Iterable, max_images: int | None):
     """Yield (images, labels) until ``max_images`` images were given (the last batch is cut)."""
     seen = 0
@@ -133,6 +176,7 @@ def localization_probes(
     grid: int | tuple[int, int] | None = None,
     ridge: float = 1e-3,
     max_images: int | None = 1024,
+    class_probe: str = "shared",
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict[str, dict]:
@@ -143,9 +187,13 @@ def localization_probes(
     block; ResNet: stem and each residual block). Prefix tokens ([CLS], registers) are left out.
     Returns ``{layer: {"class_acc", "position_acc", "class_acc_map" (h, w), "position_acc_map"
     (h, w), "grid_size", "num_positions", "num_classes", "chance_class", "chance_position",
-    "train_tokens"}}`` with accuracies in [0, 1].
+    "train_tokens", "class_probe"}}`` with accuracies in [0, 1]. ``class_probe``: ``"shared"`` (one
+    class probe for all positions) or ``"per_position"`` (one per position; see the module doc).
     """
     from tqdm.auto import tqdm
+
+    if class_probe not in ("shared", "per_position"):
+        raise ValueError(f"class_probe must be 'shared' or 'per_position', got {class_probe!r}")
 
     layers = default_layers(model) if layers is None else list(layers)
     policy = _TokenGrid(_pair(grid))
@@ -170,8 +218,9 @@ def localization_probes(
     was_training = model.training
     model.to(device).eval()
     stats_dev = "cpu" if torch.device(device).type == "mps" else device  # no float64 on MPS
-    cls_stats: dict[str, _RidgeStats] = {}
+    cls_stats: dict[str, _RidgeStats | _PerPositionRidgeStats] = {}
     pos_stats: dict[str, _RidgeStats] = {}
+    per_position = class_probe == "per_position"
     try:
         with ActivationCapture(model, layers, token_policy=policy, transform=tokens) as cap:
             # ---- pass 1: sufficient statistics on the train split
@@ -186,10 +235,17 @@ def localization_probes(
                     y_cls = labels.to(stats_dev).repeat_interleave(N)
                     y_pos = torch.arange(N, device=stats_dev).repeat(B)
                     if name not in cls_stats:
-                        cls_stats[name] = _RidgeStats.empty(D, 1, stats_dev)
+                        cls_stats[name] = (
+                            _PerPositionRidgeStats.empty(N, D, stats_dev)
+                            if per_position
+                            else _RidgeStats.empty(D, 1, stats_dev)
+                        )
                         pos_stats[name] = _RidgeStats.empty(D, N, stats_dev)
                     xx = x.T @ x
-                    cls_stats[name].update(x, y_cls, xx)
+                    if per_position:
+                        cls_stats[name].update(t, labels.to(stats_dev))
+                    else:
+                        cls_stats[name].update(x, y_cls, xx)
                     pos_stats[name].update(x, y_pos, xx)
             fits = {n: (cls_stats[n].solve(ridge), pos_stats[n].solve(ridge)) for n in layers}
             # ---- pass 2: accuracy per position on the test split
@@ -205,8 +261,10 @@ def localization_probes(
                     t = t.to(stats_dev)  # (B, N, D)
                     (wc, bc), (wp, bp) = fits[name]
                     pos = torch.arange(t.shape[1], device=stats_dev)
+                    # (B, N, K) class scores: one probe for all positions, or each position's own
+                    scores = torch.einsum("bnd,ndk->bnk", t, wc) + bc if per_position else t @ wc + bc
                     correct_cls[name] = (
-                        correct_cls[name] + ((t @ wc + bc).argmax(-1) == labels[:, None]).sum(0).double()
+                        correct_cls[name] + (scores.argmax(-1) == labels[:, None]).sum(0).double()
                     )
                     correct_pos[name] = correct_pos[name] + ((t @ wp + bp).argmax(-1) == pos).sum(0).double()
                 count += images.shape[0]
@@ -229,6 +287,7 @@ def localization_probes(
             "num_classes": k,
             "chance_class": 1.0 / k,
             "chance_position": 1.0 / npos,
-            "train_tokens": cls_stats[name].n,
+            "train_tokens": pos_stats[name].n,
+            "class_probe": class_probe,
         }
     return results

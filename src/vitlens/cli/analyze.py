@@ -78,6 +78,12 @@ def register(sub) -> None:
     p.add_argument("--layers", nargs="+", default=None, help="module names (default: default_layers)")
     p.add_argument("--grid", type=int, default=None, help="average-pool CNN maps to GRID x GRID tokens")
     p.add_argument(
+        "--class-probe",
+        default="shared",
+        choices=["shared", "per_position"],
+        help="one class probe for all positions (default) or one per position",
+    )
+    p.add_argument(
         "--ridge", type=float, default=1e-3, help="ridge strength, relative to the mean feature variance"
     )
     p.set_defaults(func=run_probe)
@@ -239,6 +245,7 @@ def run_probe(args) -> int:
             grid=args.grid,
             ridge=args.ridge,
             max_images=args.max_images,
+            class_probe=args.class_probe,
             device=device,
             progress=True,
         )
