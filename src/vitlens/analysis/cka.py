@@ -433,7 +433,8 @@ def cka_matrix(
     def to_gram(name: str, feats: torch.Tensor) -> torch.Tensor:
         return feature_gram(feats, dtype=gram_dtype)
 
-    models = [model_a] if self_compare else [model_a, model_b]
+    one_forward = not self_compare and model_b is model_a
+    models = [model_a] if self_compare or one_forward else [model_a, model_b]
     was_training = [m.training for m in models]
     for m in models:
         m.to(device).eval()
@@ -452,15 +453,13 @@ def cka_matrix(
                 if max_batches is not None and i >= max_batches:
                     break
                 images = _batch_images(batch).to(device, non_blocking=True)
-                if self_compare:
-                    grams_a, grams_b = torch.stack(list(cap_a.run(images).values())), None
-                elif model_b is model_a:  # two layer sets / policies of one model: one forward fills both
+                if one_forward:  # two layer sets / policies of one model: model_a's forward fills both
                     cap_b.clear()
-                    grams_a = torch.stack(list(cap_a.run(images).values()))
-                    grams_b = torch.stack(list(cap_b.collect().values()))
-                else:
-                    grams_a = torch.stack(list(cap_a.run(images).values()))
-                    grams_b = torch.stack(list(cap_b.run(images).values()))
+                grams_a = torch.stack(list(cap_a.run(images).values()))
+                grams_b = None
+                if not self_compare:
+                    captured_b = cap_b.collect() if one_forward else cap_b.run(images)
+                    grams_b = torch.stack(list(captured_b.values()))
                 acc.update_grams(grams_a, grams_b)
     finally:
         for m, t in zip(models, was_training):

@@ -105,15 +105,12 @@ class _RidgeStats:
         return w, ybar - mu @ w
 
 
-@dataclass
-class _PerPositionRidgeStats:
-    """:class:`_RidgeStats` for N positions at once: one ridge fit of one-hot labels per position."""
+class _PerPositionRidgeStats(_RidgeStats):
+    """:class:`_RidgeStats` for N positions at once: one ridge fit of one-hot labels per position.
 
-    sx: torch.Tensor  # (N, D)
-    sxx: torch.Tensor  # (N, D, D)
-    sxy: torch.Tensor  # (N, D, K)
-    sy: torch.Tensor  # (K,) the same images (so labels) at every position
-    n: int = 0
+    Shapes gain a leading position axis: sx (N, D), sxx (N, D, D), sxy (N, D, K); sy (K,) is
+    shared, since every position sees the same images and so the same labels.
+    """
 
     @classmethod
     def empty(cls, positions: int, dim: int, device) -> _PerPositionRidgeStats:
@@ -122,12 +119,9 @@ class _PerPositionRidgeStats:
 
     def update(self, t: torch.Tensor, y: torch.Tensor) -> None:
         """t (B, N, D) float64, y (B,) int labels."""
-        k = max(int(y.max()) + 1, self.sy.shape[0])
-        if k > self.sy.shape[0]:
-            self.sxy = F.pad(self.sxy, (0, k - self.sy.shape[0]))
-            self.sy = F.pad(self.sy, (0, k - self.sy.shape[0]))
+        self.grow(int(y.max()) + 1)
         tn = t.transpose(0, 1)  # (N, B, D)
-        onehot = F.one_hot(y, k).to(t.dtype)  # (B, K)
+        onehot = F.one_hot(y, self.sy.shape[0]).to(t.dtype)  # (B, K)
         self.sx += tn.sum(1)
         self.sxx += tn.transpose(1, 2) @ tn
         self.sxy += tn.transpose(1, 2) @ onehot
@@ -232,7 +226,7 @@ def localization_probes(
                     t = t.to(stats_dev)
                     B, N, D = t.shape
                     x = t.reshape(B * N, D)
-                    y_cls = labels.to(stats_dev).repeat_interleave(N)
+                    y = labels.to(stats_dev)
                     y_pos = torch.arange(N, device=stats_dev).repeat(B)
                     if name not in cls_stats:
                         cls_stats[name] = (
@@ -243,9 +237,9 @@ def localization_probes(
                         pos_stats[name] = _RidgeStats.empty(D, N, stats_dev)
                     xx = x.T @ x
                     if per_position:
-                        cls_stats[name].update(t, labels.to(stats_dev))
-                    else:
-                        cls_stats[name].update(x, y_cls, xx)
+                        cls_stats[name].update(t, y)
+                    else:  # every token of every image is an example, labelled with its image's class
+                        cls_stats[name].update(x, y.repeat_interleave(N), xx)
                     pos_stats[name].update(x, y_pos, xx)
             fits = {n: (cls_stats[n].solve(ridge), pos_stats[n].solve(ridge)) for n in layers}
             # ---- pass 2: accuracy per position on the test split

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 #: What counts as an image file (torchvision's list, plus .gif).
@@ -45,11 +46,12 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
 
 
-class ImageFolderSource:
+class ImageFolderSource(ABC):
     """One split of an ImageFolder dataset: ``classes``, per-file ``names`` and ``targets``, raw bytes.
 
     ``location`` is the path shown in messages; ``fingerprint()`` changes whenever the
-    underlying files do and keys the decoded cache.
+    underlying files do and keys the decoded cache. Subclasses (a directory, a tar archive)
+    say how bytes are read and fingerprinted.
     """
 
     location: str
@@ -60,11 +62,13 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.names)
 
+    @abstractmethod
     def read(self, i: int) -> bytes:
-        raise NotImplementedError
+        """The encoded bytes of file ``i``."""
 
+    @abstractmethod
     def fingerprint(self) -> str:
-        raise NotImplementedError
+        """A hash that changes whenever the split's files do."""
 
     def drop(self, indices: set[int]) -> None:
         """Forget the files at ``indices`` (the unreadable ones) so that labels stay aligned."""
