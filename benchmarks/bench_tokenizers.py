@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlens import create_model
-from vitlens.tokenizers.train_vq import TokenizerTrainConfig, train_tokenizer
+from vitlens.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 from vitlens.train import TrainConfig, train
 
 MODEL = "vit_micro_patch4_32"

@@ -11,8 +11,8 @@ import torch
 from vitlens import create_model
 from vitlens.cli import main as cli
 from vitlens.models.bert import mask_tokens
-from vitlens.text.attention import head_distance, head_entropy, text_attention
-from vitlens.text.train_lm import LMTrainConfig, train_lm
+from vitlens.analysis.text_attention import head_distance, head_entropy, text_attention
+from vitlens.train.lm import LMTrainConfig, train_lm
 
 
 @pytest.fixture(autouse=True)

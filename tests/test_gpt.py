@@ -11,7 +11,7 @@ import torch
 from vitlens import create_model
 from vitlens.cli import main as cli
 from vitlens.layers import build_attention_mask
-from vitlens.text.attention import (
+from vitlens.analysis.text_attention import (
     head_distance,
     head_entropy,
     text_attention,
@@ -19,7 +19,8 @@ from vitlens.text.attention import (
     token_distances,
 )
 from vitlens.text.data import CharTokenizer, load_char_corpus, random_windows
-from vitlens.text.train_lm import LMTrainConfig, load_lm, sample, train_lm
+from vitlens.text import load_lm, sample
+from vitlens.train.lm import LMTrainConfig, train_lm
 
 
 @pytest.fixture(autouse=True)

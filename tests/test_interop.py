@@ -171,7 +171,7 @@ def test_save_pretrained_roundtrip(name, tmp_path):
 
 def test_trainer_checkpoint_loads(tmp_path):
     """A training checkpoint (model + optimizer state, meta with the trainer's model_args) is read too."""
-    from vitlens.train.checkpoint import save_checkpoint
+    from vitlens.io import save_checkpoint
 
     ours = vitlens.create_model("vit_micro_patch4_32", num_classes=5, depth=2).eval()
     opt = torch.optim.AdamW(ours.parameters())

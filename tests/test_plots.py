@@ -19,7 +19,7 @@ from vitlens.analysis.plots import (
     plot_probe_accuracy,
 )
 from vitlens.cli import main
-from vitlens.train.checkpoint import save_checkpoint
+from vitlens.io import save_checkpoint
 
 
 def _png_ok(path):

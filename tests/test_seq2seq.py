@@ -11,10 +11,10 @@ import torch
 
 from vitlens import create_model
 from vitlens.cli import main as cli
-from vitlens.text.attention import head_distance, text_attention, translation_attention_report
+from vitlens.analysis.text_attention import head_distance, text_attention, translation_attention_report
 from vitlens.text.data import BOS, EOS, PAD, load_parallel, read_lines, token_batches, train_bpe
 from vitlens.text.decode import beam_search, greedy_decode, length_penalty, strip_ids
-from vitlens.text.train_translate import TranslateTrainConfig, noam, train_translate
+from vitlens.train.translate import TranslateTrainConfig, noam, train_translate
 
 
 @pytest.fixture(autouse=True)
@@ -287,7 +287,7 @@ def test_train_translate_cli_and_resume(shared_data, tmp_path, capsys):
     assert not train_translate(cfg)["finished"]
     cfg.time_budget_min = None
     assert train_translate(cfg, resume=True)["finished"]
-    from vitlens.train.runs import load_run_model
+    from vitlens.models.loading import load_run_model
 
     a, _ = load_run_model(tmp_path / "full")
     b, _ = load_run_model(tmp_path / "part")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from vitlens import create_model
 from vitlens.cli import main as cli_main
 from vitlens.models.resnet import BasicBlock
-from vitlens.tokenizers import (
+from vitlens.models.tokenizers import (
     VQVAE,
     HybridEmbed,
     PixelTokenizer,
@@ -27,7 +27,7 @@ from vitlens.tokenizers import (
     save_vqvae,
     uniform_palette,
 )
-from vitlens.train.checkpoint import load_checkpoint, save_checkpoint
+from vitlens.io import load_checkpoint, save_checkpoint
 
 TINY_VQ = dict(hidden=32, res_hidden=16, num_res_blocks=1, code_dim=16, codebook_size=64)
 
@@ -323,7 +323,7 @@ def test_hybrid_reuses_resnet_and_grid_is_configurable():
 
 # -- the command -----------------------------------------------------------------------------
 def test_eval_subset_spans_the_split():
-    from vitlens.tokenizers.train_vq import spread
+    from vitlens.train.tokenizer import spread
 
     labels = torch.arange(10).repeat_interleave(100)  # a test split stored class by class
     assert spread(labels, 50).unique().tolist() == list(range(10))

@@ -13,7 +13,7 @@ import torch
 
 from vitlens.cli import main as cli_main
 from vitlens.train import TrainConfig, load_checkpoint, save_checkpoint, train
-from vitlens.train.runs import load_run_model
+from vitlens.models.loading import load_run_model
 
 TINY = dict(
     model="vit_micro_patch4_32",
@@ -157,7 +157,7 @@ def test_crash_mid_write_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.safetensors"
     good = {"w": torch.arange(6.0)}
     save_checkpoint(path, good, meta={"epoch": 1})
-    import vitlens.train.checkpoint as ck
+    import vitlens.io.checkpoint as ck
 
     def broken_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:

@@ -32,8 +32,8 @@ def load_model_and_meta(
     """Like :func:`load_model_for_analysis`, also returning the run's metadata (``data``, ``img_size``,
     ``mean``/``std`` where known; ``{}`` otherwise)."""
     from ..models.convert import load_state_dict_file
-    from ..train.checkpoint import FORMAT
-    from ..train.runs import find_checkpoint
+    from ..io import FORMAT
+    from ..models.loading import find_checkpoint
 
     spec = str(spec)
     extra = {} if num_classes is None else {"num_classes": num_classes}

@@ -45,7 +45,7 @@ def config_from_args(cls, args) -> object:
     """``--config`` file (YAML or JSON) if given, then every flag that was set on the command line."""
     from pathlib import Path
 
-    from ..text.run import config_from_dict
+    from ..train.text_run import config_from_dict
 
     values = {}
     if getattr(args, "config", None):
@@ -82,8 +82,8 @@ _TR_HELP = {
 
 # ------------------------------------------------------------------------------- lm
 def register(sub) -> None:
-    from ..text.train_lm import LMTrainConfig
-    from ..text.train_translate import TranslateTrainConfig
+    from ..train.lm import LMTrainConfig
+    from ..train.translate import TranslateTrainConfig
 
     lm = sub.add_parser(
         "lm",
@@ -129,7 +129,7 @@ def register(sub) -> None:
 
 
 def run_lm_train(args) -> int:
-    from ..text.train_lm import LMTrainConfig, train_lm
+    from ..train.lm import LMTrainConfig, train_lm
 
     summary = train_lm(config_from_args(LMTrainConfig, args), resume=args.resume)
     print(json.dumps(summary, indent=2))
@@ -137,7 +137,7 @@ def run_lm_train(args) -> int:
 
 
 def run_lm_sample(args) -> int:
-    from ..text.train_lm import sample
+    from ..text.runs import sample
 
     text = sample(
         args.run,
@@ -154,8 +154,8 @@ def run_lm_sample(args) -> int:
 
 
 def run_lm_attention(args) -> int:
-    from ..text.attention import text_attention_report
-    from ..text.train_lm import load_lm
+    from ..analysis.text_attention import text_attention_report
+    from ..text.runs import load_lm
 
     model, tok, _ = load_lm(args.run)
     report = text_attention_report(model, tok, args.text)
@@ -167,7 +167,7 @@ def run_lm_attention(args) -> int:
         cells = "  ".join(f"h{h}: {e:.2f} / {d:.1f}" for h, (e, d) in enumerate(zip(ent, dist)))
         print(f"{layer:20s} {cells}")
     if args.save:
-        from ..text.attention import plot_text_attention
+        from ..analysis.text_attention import plot_text_attention
 
         plot_text_attention(report, args.layer, args.save)
         print(f"wrote {args.save}")
@@ -213,7 +213,7 @@ def run_translate(args) -> int:
         print(TRANSLATE_USAGE)
         return 0 if args.translate_help else 2
     if rest[0] == "train":
-        from ..text.train_translate import train_translate
+        from ..train.translate import train_translate
 
         targs = _translate_train_parser(args._tr_config).parse_args(rest[1:])
         summary = train_translate(config_from_args(args._tr_config, targs), resume=targs.resume)
@@ -225,7 +225,7 @@ def run_translate(args) -> int:
 def _decode(a) -> int:
     from ..text.data import read_lines
     from ..text.decode import corpus_bleu, translate
-    from ..text.train_translate import load_translator
+    from ..text.runs import load_translator
 
     if not a.text and not a.file:
         raise ValueError('nothing to translate: give sentences ("Ein Mann fährt Fahrrad.") or --file FILE')
@@ -255,7 +255,7 @@ def _decode(a) -> int:
 
 
 def _translation_attention(model, tok, sentences, hyps, path) -> None:
-    from ..text.attention import plot_text_attention, translation_attention_report
+    from ..analysis.text_attention import plot_text_attention, translation_attention_report
 
     if len(sentences) != 1:
         raise ValueError(f"--attention draws one sentence; got {len(sentences)}")

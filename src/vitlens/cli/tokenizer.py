@@ -15,7 +15,7 @@ from dataclasses import fields
 
 
 def register(sub) -> None:
-    from ..tokenizers.train_vq import TokenizerTrainConfig
+    from ..train.tokenizer import TokenizerTrainConfig
 
     p = sub.add_parser(
         "train-tokenizer",
@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..tokenizers.train_vq import TokenizerTrainConfig, train_tokenizer
+    from ..train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     values = {f.name: getattr(args, f.name) for f in fields(TokenizerTrainConfig)}
     summary = train_tokenizer(TokenizerTrainConfig(**values))

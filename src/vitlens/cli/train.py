@@ -78,7 +78,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from ..data import build_data
-    from ..train.runs import load_run_model
+    from ..models.loading import load_run_model
     from ..train.trainer import evaluate, resolve_device
 
     model, meta = load_run_model(args.run, args.which)

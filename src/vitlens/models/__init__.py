@@ -8,4 +8,4 @@ from .vit import VisionTransformer, ViTConfig
 __all__ = ["create_model", "list_models", "register_model", "ResNet", "ResNetConfig", "ViTConfig",
            "VisionTransformer"]
 
-from ..tokenizers import models as _tokenizer_models  # noqa: E402,F401  (ViTs with pixel/vq/hybrid tokens)
+from .tokenizers import models as _tokenizer_models  # noqa: E402,F401  (ViTs with pixel/vq/hybrid tokens)

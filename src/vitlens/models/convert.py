@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..layers import resample_pos_embed
-from ..train.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from ..io import FORMAT, load_checkpoint, save_checkpoint
 
 FORMATS = ("vitlens", "timm_vit", "torchvision_vit", "torchvision_resnet", "hf_vit")
 _WRAPPERS = ("state_dict", "model", "model_ema", "state_dict_ema", "module")  # tried in this order

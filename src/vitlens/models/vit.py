@@ -37,7 +37,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth
     init_values: float | None = None  # LayerScale init; None disables it
-    tokenizer: str = "patch"  # 'patch' | 'pixel' | 'vq' | 'hybrid' (see vitlens.tokenizers)
+    tokenizer: str = "patch"  # 'patch' | 'pixel' | 'vq' | 'hybrid' (see vitlens.models.tokenizers)
     tokenizer_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -179,7 +179,7 @@ def build_tokenizer(cfg: ViTConfig) -> nn.Module:
     if cfg.tokenizer == "patch":
         return PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
     try:
-        from ..tokenizers import build_image_tokenizer
+        from .tokenizers import build_image_tokenizer
     except ImportError as e:  # pragma: no cover - only when the tokenizers module is absent
         raise ValueError(f"tokenizer {cfg.tokenizer!r} is not available: {e}") from e
     return build_image_tokenizer(cfg)

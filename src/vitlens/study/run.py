@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..train import TrainConfig, is_finished, train
-from ..train.runs import load_run_model
+from ..models.loading import load_run_model
 from .config import ModelSpec, StudyConfig
 
 

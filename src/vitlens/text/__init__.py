@@ -1,23 +1,18 @@
-"""Language models on the shared block library: data, decoding, training loops, attention tools.
-
-``train_lm`` trains a GPT (causal LM) or a BERT (masked LM) on characters; ``train_translate``
-trains the encoder-decoder on a parallel corpus; ``decode`` holds greedy and beam search.
+"""Language data and decoding on the shared block library: character and BPE tokenizers,
+batching, greedy and beam search, and loading trained runs (``load_lm``, ``sample``,
+``load_translator``). The training tasks live in :mod:`vitlens.train` (``train_lm``,
+``train_translate``).
 """
 
 from .decode import beam_search, corpus_bleu, greedy_decode, translate
-from .train_lm import LMTrainConfig, load_lm, sample, train_lm
-from .train_translate import TranslateTrainConfig, load_translator, train_translate
+from .runs import load_lm, load_translator, sample
 
 __all__ = [
     "beam_search",
     "corpus_bleu",
     "greedy_decode",
     "translate",
-    "LMTrainConfig",
     "load_lm",
     "sample",
-    "train_lm",
-    "TranslateTrainConfig",
     "load_translator",
-    "train_translate",
 ]

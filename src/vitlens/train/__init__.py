@@ -1,6 +1,6 @@
 """Training: config, checkpoints, the loop."""
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from ..io import atomic_write, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .trainer import evaluate, is_finished, train
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ..models import create_model
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..io import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .schedule import warmup_cosine

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.patch_embed import to_2tuple
+from ...layers.patch_embed import to_2tuple
 from .common import Unnormalize, input_stats
 
 
@@ -236,7 +236,7 @@ def encode_indices(encoder: Encoder, quantizer: VectorQuantizer, x: torch.Tensor
 # -- files ------------------------------------------------------------------------------------
 def save_vqvae(path: str | Path, model: VQVAE, meta: dict | None = None) -> None:
     """Write a trained VQ-VAE as a vitlens safetensors checkpoint; the config goes in the metadata."""
-    from ..train.checkpoint import save_checkpoint
+    from ...io import save_checkpoint
 
     save_checkpoint(
         path, model.state_dict(), meta={"kind": "vqvae", "config": model.config_dict(), **(meta or {})}
@@ -245,7 +245,7 @@ def save_vqvae(path: str | Path, model: VQVAE, meta: dict | None = None) -> None
 
 def load_vqvae(path: str | Path) -> tuple[VQVAE, dict]:
     """``(model in eval mode, meta)`` from a :func:`save_vqvae` / ``vitlens train-tokenizer`` file."""
-    from ..train.checkpoint import load_checkpoint
+    from ...io import load_checkpoint
 
     state, meta, _ = load_checkpoint(path)
     if meta.get("kind") != "vqvae":

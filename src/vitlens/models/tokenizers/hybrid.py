@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers.patch_embed import to_2tuple
-from ..models.resnet import ResNet, ResNetConfig
+from ...layers.patch_embed import to_2tuple
+from ..resnet import ResNet, ResNetConfig
 
 _STEM_STRIDE = {"cifar": 1, "imagenet": 4}
 

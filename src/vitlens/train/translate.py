@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ..models import create_model
 from ..models.seq2seq import Seq2SeqTransformer
-from . import run as R
-from .data import (
+from . import text_run as R
+from ..text.data import (
     PAD,
     collate_pairs,
     encode_pairs,
@@ -34,7 +34,7 @@ from .data import (
     load_subword_tokenizer,
     train_bpe,
 )
-from .decode import corpus_bleu, translate
+from ..text.decode import corpus_bleu, translate
 
 
 @dataclass
@@ -302,18 +302,3 @@ def evaluate_bleu(
         if k == 1 and beam_size == 1:
             break
     return result
-
-
-def load_translator(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, subword tokenizer, meta) of a ``vitlens translate train`` run directory."""
-    from ..train.runs import load_run_model
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir} has no tokenizer.json; is it a `vitlens translate train` run directory?"
-        )
-    model, meta = load_run_model(run_dir)
-    if not isinstance(model, Seq2SeqTransformer):
-        raise ValueError(f"{run_dir} holds a {meta.get('model')}, not a translation model")
-    return model.to(device), load_subword_tokenizer(run_dir / "tokenizer.json"), meta

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..models import create_model
-from .checkpoint import load_checkpoint
+from .registry import create_model
+from ..io import load_checkpoint
 
 
 def find_checkpoint(path: str | Path, which: str = "last") -> Path:

@@ -8,8 +8,8 @@ ResNet -> 8x8 feature map -> 64 tokens). Equal to
 
 from __future__ import annotations
 
-from ..models.registry import register_model
-from ..models.vit import _CIFAR, _vit
+from ..registry import register_model
+from ..vit import _CIFAR, _vit
 
 _MICRO = dict(_CIFAR, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..analysis.attention import attention_layers, record_attention
+from .attention import attention_layers, record_attention
 
 
 @torch.no_grad()
@@ -134,7 +134,7 @@ def translation_attention_report(model: nn.Module, tok, source: str, target: str
     layers (``None`` distance for cross-attention, where |i - j| compares two sentences).
     """
     from ..models.seq2seq import Seq2SeqTransformer
-    from .data import BOS, EOS
+    from ..text.data import BOS, EOS
 
     if not isinstance(model, Seq2SeqTransformer):
         raise ValueError(f"{type(model).__name__} is not an encoder-decoder; use text_attention_report")

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from ..models import create_model
 from ..models.bert import Bert, mask_tokens
 from ..models.gpt import GPT
-from ..train.schedule import warmup_cosine
-from . import run as R
-from .data import BERT_SPECIALS, CharTokenizer, cls_windows, load_char_corpus, random_windows
+from .schedule import warmup_cosine
+from . import text_run as R
+from ..text.data import BERT_SPECIALS, CharTokenizer, cls_windows, load_char_corpus, random_windows
 
 
 @dataclass
@@ -249,40 +249,3 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
     run.log.close()
     R.cleanup(dinfo)
     return summary
-
-
-# ------------------------------------------------------------------------------- using a run
-def load_lm(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CharTokenizer, dict]:
-    """(model in eval mode, tokenizer, meta) of a ``vitlens lm train`` run directory."""
-    from ..train.runs import load_run_model
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "chars.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no chars.json; is it a `vitlens lm train` run directory?")
-    model, meta = load_run_model(run_dir)
-    return model.to(device), CharTokenizer.load(run_dir / "chars.json"), meta
-
-
-def sample(
-    run_dir: str | Path,
-    prompt: str = "\n",
-    *,
-    max_new_tokens: int = 500,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    use_cache: bool = True,
-) -> str:
-    """Continue ``prompt`` with a trained GPT run; returns prompt + continuation."""
-    model, tok, meta = load_lm(run_dir, device)
-    if not isinstance(model, GPT):
-        raise ValueError(f"{run_dir} holds a {meta.get('model')} (a masked LM); sampling needs a GPT run")
-    if not prompt:
-        raise ValueError("the prompt is empty; give at least one character (e.g. --prompt $'\\n')")
-    idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(
-        idx, max_new_tokens, temperature=temperature, top_k=top_k, use_cache=use_cache, generator=g
-    )
-    return tok.decode(out[0].tolist())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.patch_embed import to_2tuple
+from ...layers.patch_embed import to_2tuple
 from .common import Unnormalize, input_stats
 
 
@@ -110,7 +110,7 @@ def uniform_palette(k: int = 512) -> torch.Tensor:
 
 def save_palette(path: str | Path, palette: torch.Tensor, meta: dict | None = None) -> None:
     """Write a palette (K, 3) as a vitlens safetensors checkpoint (key ``palette``)."""
-    from ..train.checkpoint import save_checkpoint
+    from ...io import save_checkpoint
 
     save_checkpoint(
         path,
@@ -120,7 +120,7 @@ def save_palette(path: str | Path, palette: torch.Tensor, meta: dict | None = No
 
 
 def load_palette(path: str | Path) -> torch.Tensor:
-    from ..train.checkpoint import load_checkpoint
+    from ...io import load_checkpoint
 
     state, meta, _ = load_checkpoint(path)
     if "palette" not in state:

@@ -76,7 +76,7 @@ def build_image_tokenizer(cfg) -> nn.Module:
     if cfg.tokenizer == "hybrid":
         return build_hybrid_tokenizer(cfg, args)
     if cfg.tokenizer == "patch":
-        from ..layers import PatchEmbed
+        from ...layers import PatchEmbed
 
         return PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
     raise ValueError(f"unknown tokenizer {cfg.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")

@@ -3,7 +3,7 @@
 Nothing here is a second trainer: devices, autocast, torchrun/DDP, the metrics log (JSON
 lines + TensorBoard), parameter groups and atomic safetensors checkpoints all come from
 ``vitlens.train``; this module only arranges them for iteration-based loops (a step counter
-instead of epochs) and keeps the run directory in the layout ``vitlens.train.runs`` reads:
+instead of epochs) and keeps the run directory in the layout ``vitlens.models.loading`` reads:
 
     config.json, model.json, metrics.jsonl, tb/, checkpoints/last.safetensors, summary.json
     + the tokenizer (chars.json for characters, tokenizer.json for subwords)
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from ..train.trainer import MetricsLog, autocast_dtype, param_groups, resolve_device
+from ..io import load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .trainer import MetricsLog, autocast_dtype, param_groups, resolve_device
 
 __all__ = [
     "LAST",

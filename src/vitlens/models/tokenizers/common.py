@@ -8,7 +8,7 @@ import torch
 def input_stats(args: dict | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` the ViT's inputs were normalised with: ``tokenizer_args`` 'mean'/'std',
     CIFAR-10's by default (what ``vitlens.data.build_data`` uses for cifar10 and cifar10-mini)."""
-    from ..data.transforms import CIFAR10_MEAN, CIFAR10_STD  # lazy: keeps `import vitlens` light
+    from ...data.transforms import CIFAR10_MEAN, CIFAR10_STD  # lazy: keeps `import vitlens` light
 
     args = args or {}
     mean = tuple(float(v) for v in (args.get("mean") or CIFAR10_MEAN))

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .palette import assign_palette, fit_palette, save_palette
-from .vqvae import VQVAE, VQVAEConfig, load_vqvae, save_vqvae
+from ..models.tokenizers.palette import assign_palette, fit_palette, save_palette
+from ..models.tokenizers.vqvae import VQVAE, VQVAEConfig, load_vqvae, save_vqvae
 
 
 @dataclass
@@ -168,7 +168,7 @@ def _train_vq(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
         raise ValueError(
             f"{len(train)} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size"
         )
-    from ..train.schedule import warmup_cosine
+    from .schedule import warmup_cosine
 
     sched = warmup_cosine(
         opt, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=cfg.warmup_steps, base_lr=cfg.lr
