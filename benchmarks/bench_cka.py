@@ -21,6 +21,7 @@ Layers: every ViT block (12) x every ResNet-50 bottleneck (16), full representat
     python benchmarks/bench_cka.py                 # N=512, batch 64, 224 px (~15-30 min on 2 cores)
     python benchmarks/bench_cka.py --quick         # N=64, batch 32, 112 px, smoke test (~3 min)
     python benchmarks/bench_cka.py --threads 1 --skip-torch-cka --skip-memory   # just (a) vs (b)
+    python benchmarks/bench_cka.py --nproc 2       # `vitlens cka` under torchrun, 2 processes vs 1
 
 Models use random weights (nothing can be downloaded here); speed does not depend on them.
 """
@@ -330,6 +331,78 @@ def report(res: dict, n: int, m_tc: int, args) -> None:
         print(f"    max |CKA(2N) - CKA(N)| = {diff:.3f} (N and 2N are different image samples)")
 
 
+# --------------------------------------------------------------------------- --nproc: torchrun vs one process
+def _cka_command(args, out: Path) -> list[str]:
+    return [
+        "-m", "vitlens", "cka", *args.nproc_models, "--max-images", str(args.images),
+        "--batch-size", str(args.batch_size), "--device", args.device, "--data", "cifar10",
+        "--data-dir", str(CIFAR_TEST.parent), "--out", str(out),
+    ]  # fmt: skip
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(cmd: list[str], env: dict) -> dict:
+    """Wall seconds and CPU seconds (user + sys of every process the command started, launcher included)."""
+    wall, cpu = time.perf_counter(), _children_cpu()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    wall, cpu = time.perf_counter() - wall, _children_cpu() - cpu
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    workers = [
+        float(u) + float(s)
+        for u, s in (line.split()[1:3] for line in out.stderr.splitlines() if line.startswith("BENCH_CPU "))
+    ]
+    return {"seconds": wall, "cpu_seconds": cpu, "worker_cpu_seconds": workers}
+
+
+def nproc_benchmark(args) -> dict:
+    """`vitlens cka` end to end (process start, data, models, CKA, files): one process vs N under torchrun.
+
+    Every process runs with ``--threads`` threads (torchrun sets OMP_NUM_THREADS=1 for its workers,
+    so the default is 1 for both), which also makes their float32 arithmetic identical, batch for
+    batch: the matrices must agree to float64 rounding. CPU time is counted from the OS (rusage of
+    the child processes, and /usr/bin/time around each torchrun worker), so load from other users
+    of the machine stretches wall time but hardly the CPU figures.
+    """
+    import tempfile
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(
+            f"  one process: vitlens cka {' '.join(args.nproc_models)} on {args.images} images ...",
+            flush=True,
+        )
+        one = _timed([sys.executable, *_cka_command(args, tmp / "one")], env)
+        one["worker_cpu_seconds"] = [one["cpu_seconds"]]
+        print(f"  {args.nproc} processes under torchrun ...", flush=True)
+        torchrun = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+            "--no-python", "/usr/bin/time", "-f", "BENCH_CPU %U %S", sys.executable,
+        ]  # fmt: skip
+        many = _timed([*torchrun, *_cka_command(args, tmp / "many")], env)
+        m1, mn = (json.loads((tmp / d / "cka.json").read_text()) for d in ("one", "many"))
+    diff = float(np.abs(np.array(m1["matrix"]) - np.array(mn["matrix"])).max())
+    res = {"one": one, "many": many, "max_abs_diff": diff, "run_one": m1["run"], "run_many": mn["run"]}
+    w1, wn = sum(one["worker_cpu_seconds"]), sum(many["worker_cpu_seconds"])
+    print(
+        f"\nvitlens cka {' '.join(args.nproc_models)}, {args.images} CIFAR-10 test images, batch "
+        f"{args.batch_size}, {args.threads} thread(s) per process, device {args.device}\n"
+        f"  1 process : {one['seconds']:7.1f} s wall, {w1:7.1f} s CPU\n"
+        f"  {args.nproc} processes: {many['seconds']:7.1f} s wall, {wn:7.1f} s CPU in the workers "
+        f"({' + '.join(f'{c:.1f}' for c in many['worker_cpu_seconds'])}), {many['cpu_seconds']:.1f} s with "
+        f"the torchrun launcher\n"
+        f"  wall {one['seconds'] / many['seconds']:.2f}x faster; worker CPU {wn / w1:.2f}x one process's "
+        f"(with launcher {many['cpu_seconds'] / w1:.2f}x); images per rank {mn['run']['images_per_rank']}\n"
+        f"  max |CKA(1 process) - CKA({args.nproc} processes)| = {diff:.1e}"
+    )
+    return res
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(
@@ -363,8 +436,29 @@ def main() -> None:
     p.add_argument("--skip-torch-cka", action="store_true")
     p.add_argument("--quick", action="store_true", help="small smoke run: N=64, batch 32, 112 px")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this file")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="instead: `vitlens cka` end to end, one process vs NPROC under torchrun (wall, CPU, agreement)",
+    )
+    p.add_argument(
+        "--nproc-models",
+        nargs=2,
+        default=["vit_micro_patch4_32", "resnet8_cifar"],
+        help="the model pair for --nproc (small, so that it takes minutes)",
+    )
+    p.add_argument("--device", default="cpu", help="--nproc: cpu (gloo) or cuda (NCCL)")
     p.add_argument("--_phase", choices=list(PHASES), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.nproc:
+        args.images = args.images or 1024
+        args.batch_size = args.batch_size or 64
+        args.threads = 1 if args.threads == 2 and "--threads" not in sys.argv else args.threads
+        res = nproc_benchmark(args)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+        return
     quick = args.quick
     args.images = args.images or (64 if quick else 512)
     args.batch_size = args.batch_size or (32 if quick else 64)

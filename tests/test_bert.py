@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vitlens import create_model
+from vitlens.analysis.text_attention import head_distance, head_entropy, text_attention
 from vitlens.cli import main as cli
 from vitlens.models.bert import mask_tokens
-from vitlens.analysis.text_attention import head_distance, head_entropy, text_attention
 from vitlens.train.lm import LMTrainConfig, train_lm
 
 

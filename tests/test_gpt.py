@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from vitlens import create_model
-from vitlens.cli import main as cli
-from vitlens.layers import build_attention_mask
 from vitlens.analysis.text_attention import (
     head_distance,
     head_entropy,
@@ -18,8 +16,10 @@ from vitlens.analysis.text_attention import (
     text_attention_report,
     token_distances,
 )
-from vitlens.text.data import CharTokenizer, load_char_corpus, random_windows
+from vitlens.cli import main as cli
+from vitlens.layers import build_attention_mask
 from vitlens.text import load_lm, sample
+from vitlens.text.data import CharTokenizer, load_char_corpus, random_windows
 from vitlens.train.lm import LMTrainConfig, train_lm
 
 

@@ -8,6 +8,7 @@ the same input in eval mode.
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import timm
@@ -19,16 +20,20 @@ from transformers import ViTConfig as HFViTConfig
 from transformers import ViTForImageClassification
 
 import vitlens
+from vitlens.io import load_state_dict_file
 from vitlens.models.convert import (
     convert_state_dict,
     detect_format,
     export_timm_state_dict,
     load_checkpoint_into,
-    load_state_dict_file,
-    model_from_checkpoint,
-    save_pretrained,
     timm_model_kwargs,
 )
+from vitlens.models.loading import load_model, save_pretrained
+
+
+def model_from_checkpoint(path):
+    """The model a vitlens file rebuilds from its own metadata (no name given)."""
+    return load_model(path)[0]
 
 TOL = 1e-4
 
@@ -199,6 +204,119 @@ def test_plain_weights_of_text_models_load(name, tmp_path):
     back = vitlens.create_model(name, checkpoint=tmp_path / "w.safetensors").eval()
     for (k, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# -- every variant family, by the peer's own name ----------------------------------------------------
+_SMALL_VIT = dict(depth=2, embed_dim=64, num_heads=4, img_size=32)
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights everywhere (timm zero-inits heads, tokens and LayerScale): every path counts."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("vit_small_patch32_224", dict(depth=2, img_size=64)),
+    ("vit_base_patch16_gap_224", _SMALL_VIT),  # no [CLS], norm before average pooling (fc_norm=False)
+    ("vit_medium_patch16_gap_256", _SMALL_VIT),  # + no qkv bias, LayerScale
+    ("vit_base_patch16_clip_224", _SMALL_VIT),  # norm_pre, patch embedding without bias, eps 1e-5
+    ("vit_base_patch16_clip_quickgelu_224", _SMALL_VIT),  # + QuickGELU
+    ("deit_small_distilled_patch16_224", _SMALL_VIT),  # distillation token + head, averaged logits
+    ("vit_small_patch14_dinov2", dict(_SMALL_VIT, img_size=28)),  # LayerScale, no head
+    ("vit_small_patch14_reg4_dinov2", dict(_SMALL_VIT, img_size=28)),  # + 4 registers, no [CLS] position
+])
+def test_timm_variant_parity(name, overrides, tmp_path):
+    ref = _perturbed(timm.create_model(name, pretrained=False, **overrides))
+    side = overrides["img_size"]
+    x = torch.randn(2, 3, side, side)
+    expected = _logits(ref, x)
+    path = _save_both(ref.state_dict(), tmp_path, name)[0]
+    ours = vitlens.create_model(name, checkpoint=path, **overrides)
+    assert type(ours).__name__ == "VisionTransformer"
+    diff = (_logits(ours, x) - expected).abs().max().item()
+    print(f"timm {name}: max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+
+
+def test_deit_distilled_heads_averaged_in_training_mode_too(tmp_path):
+    ref = _perturbed(timm.create_model("deit_small_distilled_patch16_224", **_SMALL_VIT))
+    path = _save_both(ref.state_dict(), tmp_path, "deit")[0]
+    ours = vitlens.create_model("deit_small_distilled_patch16_224", checkpoint=path, **_SMALL_VIT)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # timm averages unless distilled_training is set; dropout is 0 here
+        torch.testing.assert_close(ours.train()(x), ref.train()(x), atol=TOL, rtol=0)
+        feats = ours.forward_features(x)
+        expected = (ours.head(feats[:, 0]) + ours.head_dist(feats[:, 1])) / 2  # DeiT paper, eval rule
+        torch.testing.assert_close(ours.forward_head(feats), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_wide_resnet_parity(source, tmp_path):
+    build = torchvision.models.wide_resnet50_2 if source == "torchvision" else timm.create_model
+    ref = _perturbed(build() if source == "torchvision" else build("wide_resnet50_2"))
+    x = torch.randn(1, 3, 32, 32)
+    expected = _logits(ref, x)
+    path = _save_both(ref.state_dict(), tmp_path, "wrn")[0]
+    diff = _max_diff(expected, "wide_resnet50_2", path, x)
+    print(f"{source} wide_resnet50_2: max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_hf_dinov2_parity(head, tmp_path):
+    from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                       patch_size=14, num_labels=7)
+    ref = _perturbed(Dinov2ForImageClassification(cfg) if head else Dinov2Model(cfg))
+    ref.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out = ref(pixel_values=x)
+        expected = out.logits if head else out.last_hidden_state[:, 0]  # [CLS] after the final norm
+    dims = dict(img_size=28, embed_dim=64, depth=2, num_heads=4, num_classes=7 if head else 0,
+                pool="cls+gap" if head else "cls")  # the classifier reads [CLS] ++ mean(patches)
+    diff = _max_diff(expected, "vit_small_patch14_dinov2", tmp_path / "hf", x, **dims)
+    print(f"HF DINOv2 head={head}: max |diff| = {diff:.2e}")
+    assert diff < TOL
+
+
+def test_hf_deit_distilled_parity(tmp_path):
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    cfg = DeiTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                     image_size=32, patch_size=16, num_labels=5, layer_norm_eps=1e-12)
+    ref = _perturbed(DeiTForImageClassificationWithTeacher(cfg))
+    ref.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 32, 32)
+    expected = _logits(ref, x)
+    dims = dict(embed_dim=64, depth=2, num_heads=4, img_size=32, num_classes=5, norm_eps=1e-12)
+    diff = _max_diff(expected, "deit_small_distilled_patch16_224", tmp_path / "hf", x, **dims)
+    print(f"HF DeiT distilled: max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+
+
+def test_pos_embed_resampling_warns_once_with_both_grids(tmp_path):
+    path = save_pretrained(vitlens.create_model("vit_micro_patch4_32"), tmp_path / "m.safetensors")
+    with pytest.warns(UserWarning, match=r"8x8 position table to the model's 12x12 grid") as record:
+        vitlens.create_model("vit_micro_patch4_32", img_size=48, checkpoint=path)
+    assert sum("position table" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same grid: silent
+        vitlens.create_model("vit_micro_patch4_32", checkpoint=path)
+
+
+def test_num_classes_hint_only_when_the_head_is_the_mismatch(tmp_path):
+    src = vitlens.create_model("vit_micro_patch4_32", num_classes=100)
+    path = save_pretrained(src, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="pass num_classes=100"):
+        vitlens.create_model("vit_micro_patch4_32", checkpoint=path)
+    with pytest.raises(ValueError) as e:  # another width: the head differs too, but not in its classes
+        vitlens.create_model("vit_micro_patch4_32", embed_dim=64, num_classes=100, checkpoint=path)
+    assert "pass num_classes" not in str(e.value) and "embed_dim" in str(e.value)
 
 
 # -- adapting and refusing -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import torch
 from matplotlib.image import imread
 
 import vitlens
-from vitlens.analysis.loading import load_model_and_meta, load_model_for_analysis
 from vitlens.analysis.plots import (
     plot_attention_distance,
     plot_attention_maps,
@@ -20,6 +19,7 @@ from vitlens.analysis.plots import (
 )
 from vitlens.cli import main
 from vitlens.io import save_checkpoint
+from vitlens.models.loading import load_model
 
 
 def _png_ok(path):
@@ -96,24 +96,24 @@ def _run_dir(tmp_path, name="vit_micro_patch4_32", label="run_vit"):
 def test_load_run_dir_checkpoint_and_names(tmp_path):
     run, ref = _run_dir(tmp_path)
     x = torch.randn(2, 3, 32, 32)
-    model, label, meta = load_model_and_meta(run)
-    assert label == "run_vit" and meta["data"] == "cifar10-mini" and not model.training
+    model, meta = load_model(run)
+    assert meta["label"] == "run_vit" and meta["data"] == "cifar10-mini" and not model.training
     torch.testing.assert_close(model(x), ref.eval()(x))
-    model, label = load_model_for_analysis(run / "checkpoints" / "last.safetensors")
-    assert label == "run_vit"
+    model, meta = load_model(run / "checkpoints" / "last.safetensors")
+    assert meta["label"] == "run_vit"
     torch.testing.assert_close(model(x), ref(x))
     # a foreign (timm-layout .pth) checkpoint needs the architecture name
     torch.save(ref.state_dict(), tmp_path / "weights.pth")
     with pytest.raises(ValueError, match="--model"):
-        load_model_for_analysis(tmp_path / "weights.pth")
-    model, label = load_model_for_analysis(tmp_path / "weights.pth", model_name="vit_micro_patch4_32")
-    assert label == "weights"
+        load_model(tmp_path / "weights.pth")
+    model, meta = load_model(tmp_path / "weights.pth", model_name="vit_micro_patch4_32")
+    assert meta["label"] == "weights"
     torch.testing.assert_close(model(x), ref(x))
     # names: registered (random init), timm:, torchvision:
-    assert load_model_for_analysis("resnet8_cifar", num_classes=3)[0].fc.out_features == 3
-    assert type(load_model_for_analysis("torchvision:resnet18", num_classes=4)[0]).__name__ == "ResNet"
+    assert load_model("resnet8_cifar", num_classes=3)[0].fc.out_features == 3
+    assert type(load_model("torchvision:resnet18", num_classes=4)[0]).__name__ == "ResNet"
     with pytest.raises(ValueError, match="neither"):
-        load_model_for_analysis("no_such_model")
+        load_model("no_such_model")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -137,9 +137,13 @@ def test_cli_attention_probe_cka_end_to_end(tmp_path, capsys):
     )
     probes = json.loads((tmp_path / "probe" / "probes.json").read_text())
     assert list(probes) == ["run_vit", "run_cnn"]
-    assert list(probes["run_vit"]) == ["patch_embed"] + [f"blocks.{i}" for i in range(4)]
-    assert probes["run_cnn"]["layer1.0"]["grid_size"] == [8, 8]
-    assert probes["run_vit"]["blocks.0"]["position_acc"] > 0.9  # learned position embedding, even at init
+    assert list(probes["run_vit"]["layers"]) == ["patch_embed"] + [f"blocks.{i}" for i in range(4)]
+    assert probes["run_cnn"]["layers"]["layer1.0"]["grid_size"] == [8, 8]
+    assert probes["run_vit"]["layers"]["blocks.0"]["position_acc"] > 0.9  # learned pos. embedding at init
+    # what the numbers were made from: 32 of the 500 test images, one process
+    run = probes["run_vit"]["run"]["test"]
+    assert run["world_size"] == 1 and run["images"] == 32 and run["images_per_rank"] == [32]
+    assert run["indices_fingerprint"].startswith("sha256:") and run["seed"] == 0
     _png_ok(tmp_path / "probe" / "probe_class.png")
     _png_ok(tmp_path / "probe" / "probe_position.png")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vitlens import create_model
-from vitlens.cli import main as cli
 from vitlens.analysis.text_attention import head_distance, text_attention, translation_attention_report
+from vitlens.cli import main as cli
 from vitlens.text.data import BOS, EOS, PAD, load_parallel, read_lines, token_batches, train_bpe
 from vitlens.text.decode import beam_search, greedy_decode, length_penalty, strip_ids
 from vitlens.train.translate import TranslateTrainConfig, noam, train_translate

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from vitlens.cli import main as cli_main
-from vitlens.train import TrainConfig, load_checkpoint, save_checkpoint, train
 from vitlens.models.loading import load_run_model
+from vitlens.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 TINY = dict(
     model="vit_micro_patch4_32",
@@ -106,6 +106,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
         "2",
         "--no-augment",
         "--no-progress",
+        "--amp",  # compared to 1e-4: bf16 (amp=auto on AMX CPUs) rounds more
+        "fp32",
         "--lr",
         "0.002",
         "--warmup-epochs",
@@ -119,6 +121,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
                 "batch_size": 32,
                 "epochs": 2,
                 "augment": False,
+                "amp": "fp32",
                 "out": str(tmp_path / "one"),
             }
         )
@@ -205,15 +208,20 @@ def test_config_file_and_overrides(tmp_path):
         TrainConfig.from_file(path)
 
 
-def test_model_overrides_pass_data_statistics_to_tokenizers():
+def test_model_overrides_pass_data_statistics_to_tokenizers(monkeypatch):
     import warnings
 
+    import vitlens.train.trainer as trainer
     from vitlens.train.trainer import model_overrides
 
+    def no_model_please(*args, **kwargs):
+        raise AssertionError("model_overrides built a model to read its config fields")
+
+    monkeypatch.setattr(trainer, "create_model", no_model_please)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     cfg = TrainConfig(**{**TINY, "tokenizer": "pixel", "model_args": {"tokenizer_args": {"k": 16}}})
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the config probe must not build (and warn about) a palette
+        warnings.simplefilter("error")  # nothing is built, so no palette warns either
         args = model_overrides(cfg, 10, 32, 3, mean, std)
     assert args["tokenizer"] == "pixel" and args["img_size"] == 32
     assert args["tokenizer_args"] == {"k": 16, "mean": mean, "std": std}
@@ -221,3 +229,5 @@ def test_model_overrides_pass_data_statistics_to_tokenizers():
     cfg = TrainConfig(**{**TINY, "tokenizer": "vq", "model_args": {"tokenizer_args": {"mean": (0, 0, 0)}}})
     assert model_overrides(cfg, 10, 32, 3, mean, std)["tokenizer_args"]["mean"] == (0, 0, 0)
     assert "tokenizer_args" not in model_overrides(TrainConfig(**TINY), 10, 32, 3, mean, std)
+    # a CNN has no img_size field: the data's size is not forced on it
+    assert "img_size" not in model_overrides(TrainConfig(**{**TINY, "model": "resnet8_cifar"}), 10, 32, 3)

@@ -1,6 +1,8 @@
 """Representation analysis (Raghu et al. 2021, "Do Vision Transformers See Like CNNs?").
 
-Activation capture by module name and layer-by-layer CKA.
+Activation capture by module name, layer-by-layer CKA, attention statistics and maps,
+localization probes. Shared helpers (images of a batch, the fixed image subset, "is it a ViT")
+are in :mod:`.common`; the split across torchrun processes in :mod:`.distributed`.
 """
 
 from .capture import (
@@ -25,26 +27,28 @@ __all__ = [
     "hsic",
 ]
 
-# Attention probabilities, localization probes, model loading (figures: vitlens.analysis.plots,
-# imported on use so that matplotlib loads only when plotting).
+# Attention probabilities, localization probes (figures: vitlens.analysis.plots, imported on use
+# so that matplotlib loads only when plotting).
 from .attention import (
     AttentionRecord,
     attention_distance,
     attention_entropy,
     attention_layers,
     attention_maps,
+    attention_probs,
     attention_rollout,
     attention_statistics,
     mean_attention_distance,
     record_attention,
     token_geometry,
 )
-from .loading import load_model_and_meta, load_model_for_analysis
+from .common import batch_images, image_subset, is_vit
 from .probes import localization_probes
 
 __all__ += [
     "AttentionRecord", "attention_distance", "attention_entropy", "attention_layers", "attention_maps",
-    "attention_rollout", "attention_statistics", "mean_attention_distance", "record_attention",
-    "token_geometry",
-    "load_model_and_meta", "load_model_for_analysis", "localization_probes",
+    "attention_probs", "attention_rollout", "attention_statistics", "mean_attention_distance",
+    "record_attention", "token_geometry",
+    "batch_images", "image_subset", "is_vit",
+    "localization_probes",
 ]

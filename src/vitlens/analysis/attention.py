@@ -39,8 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError, ModelError
 from ..layers.attention import Attention as VitlensAttention
+from ..utils import eval_mode, to_2tuple
 from .capture import infer_num_prefix_tokens
+from .common import batch_images, patch_grid
+from .distributed import RankBatches, sum_across_ranks
 
 LayerSpec = Sequence[str | int] | str | int | None
 
@@ -80,7 +84,7 @@ def resolve_attention_layers(model: nn.Module, layers: LayerSpec = None) -> list
     """``None``: all attention layers; ints index :func:`attention_layers` (-1 = last); names pass."""
     available = attention_layers(model)
     if not available:
-        raise ValueError(
+        raise ModelError(
             f"{type(model).__name__} has no attention layers that vitlens can record (vitlens, timm or "
             "Hugging Face attention); attention analyses apply to transformers, not CNNs"
         )
@@ -92,14 +96,14 @@ def resolve_attention_layers(model: nn.Module, layers: LayerSpec = None) -> list
     for layer in layers:
         if isinstance(layer, int):
             if not -len(available) <= layer < len(available):
-                raise ValueError(
+                raise ConfigError(
                     f"attention layer index {layer} out of range: the model has {len(available)}"
                 )
             names.append(available[layer])
         elif layer in available:
             names.append(layer)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"{layer!r} is not an attention layer of {type(model).__name__}; "
                 f"choose from {available[:4]}{' ...' if len(available) > 4 else ''} or an index"
             )
@@ -210,6 +214,30 @@ def record_attention(
             undo()
 
 
+@torch.no_grad()
+def attention_probs(model: nn.Module, *inputs, layers: LayerSpec = None, **kwargs) -> dict[str, torch.Tensor]:
+    """One forward ``model(*inputs, **kwargs)`` in eval mode -> ``{layer: probabilities (B, heads, L, S)}``.
+
+    The recording path of every single-input view (image maps, text attention); streaming
+    statistics over a dataset use :func:`record_attention` with a ``sink`` instead.
+    """
+    with eval_mode(model), record_attention(model, layers) as rec:
+        model(*inputs, **kwargs)
+    return {name: rec[name] for name in rec.layers}
+
+
+def num_heads(model: nn.Module, layer: str) -> int:
+    """Head count of one attention layer (``num_heads``: vitlens, timm; ``num_attention_heads``: HF)."""
+    module = dict(model.named_modules())[layer]
+    for owner in (module, getattr(module, "config", None)):
+        for attr in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(owner, attr, None), int):
+                return getattr(owner, attr)
+    raise ModelError(
+        f"cannot tell how many heads {layer!r} ({type(module).__name__}) has: no num_heads attribute"
+    )
+
+
 # ----------------------------------------------------------------------------- geometry
 @dataclass
 class TokenGeometry:
@@ -222,39 +250,26 @@ class TokenGeometry:
     has_cls: bool
 
 
-def _pair(x) -> tuple[int, int]:
-    return (int(x), int(x)) if isinstance(x, (int, float)) else (int(x[0]), int(x[1]))
-
-
 def token_geometry(model: nn.Module) -> TokenGeometry:
     """Read the token grid from a vitlens/timm ViT (``patch_embed``) or a Hugging Face ViT (``config``).
 
-    Pixel size of a token: ``token_pixel_size`` (on the tokenizer or the model, for tokenizers
-    that are not a plain patch split) else ``patch_embed.patch_size``.
+    Grid and token pixel size: :func:`vitlens.analysis.common.patch_grid`. Prefix tokens: the
+    ``num_prefix_tokens`` of a vitlens/timm ViT; for Hugging Face, counted from the model's own
+    parameters ([CLS], DeiT's distillation token, DINOv2's registers).
     """
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "grid_size", None) is not None:
-        px = (
-            getattr(pe, "token_pixel_size", None) or getattr(model, "token_pixel_size", None) or pe.patch_size
+    grid = patch_grid(model)
+    if grid is None:
+        raise ModelError(
+            f"cannot tell where {type(model).__name__}'s tokens sit in the image: it needs a patch_embed "
+            "with grid_size and patch_size (vitlens/timm ViT) or a Hugging Face ViT config"
         )
-        return TokenGeometry(
-            _pair(pe.grid_size),
-            _pair(px),
-            int(getattr(model, "num_prefix_tokens", 1)),
-            getattr(model, "cls_token", None) is not None,
-        )
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "patch_size") and hasattr(cfg, "image_size"):  # Hugging Face ViT
-        # Prefix tokens from the model's own parameters: [CLS], DeiT's distillation token,
-        # DINOv2's registers. The grid is the config's image size (the input must have that size).
-        img, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
-        has_cls = any(name.endswith("cls_token") for name, _ in model.named_parameters())
+    if getattr(getattr(model, "patch_embed", None), "grid_size", None) is not None:
+        prefix = int(getattr(model, "num_prefix_tokens", 1))
+        has_cls = getattr(model, "cls_token", None) is not None
+    else:  # Hugging Face ViT: the input must have the config's image size
         prefix = infer_num_prefix_tokens(model)
-        return TokenGeometry((img[0] // patch[0], img[1] // patch[1]), patch, prefix, has_cls)
-    raise ValueError(
-        f"cannot tell where {type(model).__name__}'s tokens sit in the image: it needs a patch_embed with "
-        "grid_size and patch_size (vitlens/timm ViT) or a Hugging Face ViT config"
-    )
+        has_cls = any(name.endswith("cls_token") for name, _ in model.named_parameters())
+    return TokenGeometry(grid[0], grid[1], prefix, has_cls)
 
 
 def patch_distances(grid_size, patch_size) -> torch.Tensor:
@@ -262,8 +277,8 @@ def patch_distances(grid_size, patch_size) -> torch.Tensor:
 
     Patch (r, c) has its centre at ((r + 0.5) * patch_h, (c + 0.5) * patch_w) in input pixels.
     """
-    gh, gw = _pair(grid_size)
-    ph, pw = _pair(patch_size)
+    gh, gw = to_2tuple(grid_size)
+    ph, pw = to_2tuple(patch_size)
     rows, cols = torch.meshgrid(
         torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
     )
@@ -280,8 +295,12 @@ def _patch_attention(probs: torch.Tensor, num_prefix_tokens: int, num_patches: i
             f"{probs.shape[-1]} tokens do not match {num_prefix_tokens} prefix tokens + "
             f"{num_patches} patches; check grid_size and num_prefix_tokens"
         )
-    a = probs[..., num_prefix_tokens:, num_prefix_tokens:].double()
-    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)  # a row with no patch mass stays 0
+    return _renorm_rows(probs[..., num_prefix_tokens:, num_prefix_tokens:].double())
+
+
+def _renorm_rows(a: torch.Tensor) -> torch.Tensor:
+    """Rows rescaled to sum to 1; a row with no mass stays 0."""
+    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def _distance_sum(probs, distances, num_prefix_tokens) -> torch.Tensor:
@@ -300,17 +319,46 @@ def attention_distance(probs: torch.Tensor, grid_size, patch_size, num_prefix_to
     return _distance_sum(probs, d, num_prefix_tokens) / (B * d.shape[0])
 
 
-def _images(batch) -> torch.Tensor:
-    """A data-loader batch -> images: a tensor, a tuple's first item, or dict['image'/'pixel_values']."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("image", "images", "pixel_values"):
-            if key in batch:
-                return batch[key]
-    raise TypeError(f"cannot find images in a batch of type {type(batch).__name__}")
+class _HeadSums:
+    """Per-layer, per-head running sums of attention distance and entropy, filled inside each forward.
+
+    Allocated up front from the head counts, so a rank that sees no batch still has (zero) sums
+    of the right shapes to add to the others'.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], geo: TokenGeometry, device) -> None:
+        self.names, self.geo = names, geo
+        self.distances = patch_distances(geo.grid_size, geo.patch_size).to(device)  # (N, N)
+        zeros = {n: torch.zeros(num_heads(model, n), dtype=torch.float64, device=device) for n in names}
+        self.distance = {n: z.clone() for n, z in zeros.items()}
+        self.entropy = zeros
+        self.images = 0
+
+    def add_layer(self, name: str, probs: torch.Tensor) -> None:  # record_attention's sink
+        self.distance[name] += _distance_sum(probs, self.distances, self.geo.num_prefix_tokens)  # (H,)
+        self.entropy[name] += attention_entropy(probs, reduce=False).sum(dim=(0, 2))  # (H,)
+
+    def sum_across_ranks(self) -> None:
+        n = len(self.names)
+        summed = sum_across_ranks(
+            [*self.distance.values(), *self.entropy.values(), torch.tensor([float(self.images)])],
+            "attention statistics",
+        )
+        self.distance = dict(zip(self.names, summed[:n]))
+        self.entropy = dict(zip(self.names, summed[n : 2 * n]))
+        self.images = int(summed[-1].item())
+
+    def means(self) -> dict:
+        if self.images == 0:
+            raise DataError("no batches to measure attention on; the data iterable is empty")
+        patches = self.distances.shape[0]
+        tokens = self.geo.num_prefix_tokens + patches  # queries per image
+        stack = lambda sums: torch.stack([sums[n] for n in self.names]).cpu()  # noqa: E731
+        return {
+            "layers": self.names,
+            "distance": stack(self.distance).div(self.images * patches).numpy(),
+            "entropy": stack(self.entropy).div(self.images * tokens).numpy(),
+        }
 
 
 @torch.no_grad()
@@ -329,64 +377,29 @@ def attention_statistics(
     (numpy). ``data`` yields images or (images, labels) batches; at most ``max_batches`` are
     used. The model is moved to ``device`` and run in eval mode (its training flag is restored).
     Entropy is over all keys, prefix tokens included, averaged over every query.
+
+    Under an initialised ``torch.distributed`` process group each rank takes every W-th batch and
+    the sums are added across ranks once at the end (see :mod:`vitlens.analysis.distributed`).
     """
-    from tqdm.auto import tqdm
-
     names = resolve_attention_layers(model, layers)
-    geo = token_geometry(model)
-    distances = patch_distances(geo.grid_size, geo.patch_size).to(device)
-    dist_sums: dict[str, torch.Tensor] = {}
-    ent_sums: dict[str, torch.Tensor] = {}
-    n_tokens = 0
-
-    def reduce_layer(n: str, probs: torch.Tensor) -> None:  # per layer, inside its forward
-        nonlocal n_tokens
-        d = _distance_sum(probs, distances, geo.num_prefix_tokens)  # (H,)
-        e = attention_entropy(probs, reduce=False).sum(dim=(0, 2))  # (H,)
-        dist_sums[n] = dist_sums[n] + d if n in dist_sums else d
-        ent_sums[n] = ent_sums[n] + e if n in ent_sums else e
-        n_tokens = probs.shape[-2]
-
-    images_seen = 0
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        with record_attention(model, names, sink=reduce_layer):
-            for i, batch in enumerate(tqdm(data, desc="attention", disable=not progress, leave=False)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                images = _images(batch).to(device)
-                model(images)
-                images_seen += images.shape[0]
-    finally:
-        model.train(was_training)
-    if images_seen == 0:
-        raise ValueError("no batches to measure attention on; the data iterable is empty")
-    return {
-        "layers": names,
-        "distance": torch.stack([dist_sums[n] for n in names])
-        .div(images_seen * distances.shape[0])
-        .cpu()
-        .numpy(),
-        "entropy": torch.stack([ent_sums[n] for n in names]).div(images_seen * n_tokens).cpu().numpy(),
-    }
+    sums = _HeadSums(model, names, token_geometry(model), device)
+    with eval_mode(model), record_attention(model, names, sink=sums.add_layer):
+        model.to(device)
+        for batch in RankBatches(data, max_batches=max_batches, progress=progress, desc="attention"):
+            images = batch_images(batch).to(device)
+            model(images)
+            sums.images += images.shape[0]
+    sums.sum_across_ranks()
+    return sums.means()
 
 
-def mean_attention_distance(
-    model: nn.Module,
-    data: Iterable,
-    *,
-    layers: LayerSpec = None,
-    max_batches: int | None = None,
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
+def mean_attention_distance(model: nn.Module, data: Iterable, **kwargs) -> np.ndarray:
     """Mean attention distance in pixels, an array (layers, heads), streamed over ``data`` batches, no grad.
 
-    Rows follow :func:`resolve_attention_layers` (``layers``); see :func:`attention_statistics`.
+    Takes :func:`attention_statistics`'s keyword arguments (``layers``, ``max_batches``,
+    ``device``, ``progress``); rows follow :func:`resolve_attention_layers`.
     """
-    return attention_statistics(model, data, layers=layers, max_batches=max_batches, device=device)[
-        "distance"
-    ]
+    return attention_statistics(model, data, **kwargs)["distance"]
 
 
 # ----------------------------------------------------------------------------- rollout, maps, entropy
@@ -465,24 +478,17 @@ def attention_maps(
     x = image[None] if image.dim() == 3 else image
     if x.shape[0] != 1:
         raise ValueError(f"attention_maps takes one image (C, H, W), got a batch of {x.shape[0]}")
-    was_training = model.training
-    model.eval()
-    try:
-        with record_attention(model, upto) as rec:
-            model(x.to(next(model.parameters()).device))
-    finally:
-        model.train(was_training)
+    probs = attention_probs(model, x.to(next(model.parameters()).device), layers=upto)
     gh, gw = geo.grid_size
     P = geo.num_prefix_tokens
 
     def query_row(mat: torch.Tensor) -> torch.Tensor:  # (..., L, L) -> (..., N)
         if geo.has_cls:
-            row = mat[..., 0, P:]
-            return row / row.sum(-1, keepdim=True).clamp_min(1e-12)
-        return _renorm(mat[..., P:, P:]).mean(-2)
+            return _renorm_rows(mat[..., 0, P:])
+        return _renorm_rows(mat[..., P:, P:]).mean(-2)
 
-    heads = query_row(rec[target][0].double())  # (H, N)
-    roll = query_row(attention_rollout(rec.in_order(), discard_ratio, head_fusion)[0])  # (N,)
+    heads = query_row(probs[target][0].double())  # (H, N)
+    roll = query_row(attention_rollout(probs, discard_ratio, head_fusion)[0])  # (N,)
     return {
         "layer": target,
         "grid_size": (gh, gw),
@@ -490,7 +496,3 @@ def attention_maps(
         "mean": heads.mean(0).view(gh, gw).cpu().numpy(),
         "rollout": roll.view(gh, gw).cpu().numpy(),
     }
-
-
-def _renorm(a: torch.Tensor) -> torch.Tensor:
-    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError, ModelError
+
 __all__ = [
     "ActivationCapture",
     "TOKEN_POLICIES",
@@ -59,7 +61,7 @@ def reduce_activation(
             raise ValueError(f"token policy callable must return (B, features), got shape {tuple(out.shape)}")
         return out
     if policy not in TOKEN_POLICIES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown token policy {policy!r}; choose one of {TOKEN_POLICIES} or pass a callable"
         )
     if t.dim() == 2:  # already one vector per example (pooled features, logits)
@@ -69,7 +71,7 @@ def reduce_activation(
             return t.flatten(1)
         if policy == "cls":
             if num_prefix_tokens < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"token_policy='cls' on a sequence of shape {tuple(t.shape)} without a class token "
                     "(num_prefix_tokens=0, e.g. the patch_embed output or a model without [CLS]); use "
                     "token_policy='mean' or 'flatten', or leave that layer out"
@@ -86,7 +88,7 @@ def reduce_activation(
             return t.flatten(1)
         if policy == "mean":
             return t.mean(dim=(2, 3))
-        raise ValueError(
+        raise ConfigError(
             f"token_policy='cls' does not apply to the feature map of shape {tuple(t.shape)}; use 'mean' "
             "(spatial average) or 'flatten' for CNN layers (cka_matrix accepts a (policy_a, policy_b) pair)"
         )
@@ -161,7 +163,7 @@ def default_layers(model: nn.Module, token_policy: TokenPolicy | None = None) ->
                     return [root + "embeddings"] + [f"{name}.{i}" for i in range(len(mod))]
 
     lists = [n for n, m in modules.items() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n][:8]
-    raise ValueError(
+    raise ModelError(
         f"cannot guess which layers of {type(model).__name__} to analyse (no ViT `blocks`, ResNet `layer1..` "
         f"or Hugging Face encoder layers); pass layers=[...] explicitly, e.g. children of {lists}"
     )
@@ -173,10 +175,12 @@ def _resolve_layers(
     """Validate layer names against ``named_modules()`` with a did-you-mean error."""
     layers = default_layers(model, token_policy) if layers is None else list(layers)
     if not layers:
-        raise ValueError("layers is empty; pass at least one module name (or None for default_layers(model))")
+        raise ConfigError(
+            "layers is empty; pass at least one module name (or None for default_layers(model))"
+        )
     if len(set(layers)) != len(layers):
         dup = sorted({n for n in layers if layers.count(n) > 1})
-        raise ValueError(f"duplicate layer names {dup}; list each module once")
+        raise ConfigError(f"duplicate layer names {dup}; list each module once")
     modules = dict(model.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:
@@ -184,7 +188,7 @@ def _resolve_layers(
         for n in missing:
             close = difflib.get_close_matches(n, list(modules), n=4, cutoff=0.5)
             hints.append(f"{n!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(n))
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no module named {'; '.join(hints)}. Layer names are "
             "model.named_modules() names; vitlens.analysis.default_layers(model) gives a sensible list"
         )
@@ -239,7 +243,7 @@ class ActivationCapture:
         transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not callable(token_policy) and token_policy not in TOKEN_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown token policy {token_policy!r}; choose one of {TOKEN_POLICIES} or a callable"
             )
         self.model = model

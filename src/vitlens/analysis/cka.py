@@ -28,14 +28,19 @@ models over data once and feeds it, so memory stays constant in the number of im
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError
+from ..utils import eval_mode
 from .capture import ActivationCapture, TokenPolicy, _resolve_layers
+from .common import batch_images
+from .distributed import RankBatches, sum_across_ranks, world
 
 __all__ = ["MinibatchCKA", "cka", "cka_matrix", "feature_gram", "hsic"]
 
@@ -139,16 +144,16 @@ def _hsic_scale(n: int, debiased: bool) -> float:
 
 def _check_n(n: int, debiased: bool) -> None:
     if debiased and n < 4:
-        raise ValueError(f"debiased HSIC/CKA needs at least 4 examples (it divides by n-3), got n={n}")
+        raise DataError(f"debiased HSIC/CKA needs at least 4 examples (it divides by n-3), got n={n}")
     if n < 2:
-        raise ValueError(f"HSIC/CKA needs at least 2 examples, got n={n}")
+        raise DataError(f"HSIC/CKA needs at least 2 examples, got n={n}")
 
 
 def _check_kernel(kernel: str, sigma_frac: float) -> None:
     if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+        raise ConfigError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
     if kernel == "rbf" and not sigma_frac > 0:
-        raise ValueError(f"sigma_frac must be > 0 for the RBF kernel, got {sigma_frac}")
+        raise ConfigError(f"sigma_frac must be > 0 for the RBF kernel, got {sigma_frac}")
 
 
 # --------------------------------------------------------------------------- full-batch CKA
@@ -312,6 +317,31 @@ class MinibatchCKA:
         self.num_batches += 1
         self.num_examples += n
 
+    def sum_across_ranks(self) -> None:
+        """Add up the HSIC sums of all ranks of an initialised process group (one all-reduce).
+
+        A rank that saw no batch adds zeros. Within one model, HSIC(K, K) is read back from the
+        diagonal of the summed cross matrix, so the diagonal of the CKA matrix stays exactly 1.
+        """
+        if world()[1] == 1:
+            return
+        counts = torch.tensor(
+            [self.num_batches, self.num_examples, self.skipped_examples], dtype=torch.float64
+        )
+        parts = (
+            [self.hsic_ab, counts]
+            if self.self_compare
+            else [self.hsic_ab, self.hsic_aa, self.hsic_bb, counts]
+        )
+        summed = sum_across_ranks(parts, "CKA statistics (HSIC sums)")
+        self.hsic_ab, counts = summed[0], summed[-1]
+        if self.self_compare:
+            self.hsic_ab = 0.5 * (self.hsic_ab + self.hsic_ab.T)  # exact symmetry whatever the sum order
+            self.hsic_aa = self.hsic_bb = self.hsic_ab.diagonal().clone()
+        else:
+            self.hsic_aa, self.hsic_bb = summed[1], summed[2]
+        self.num_batches, self.num_examples, self.skipped_examples = (int(c) for c in counts.tolist())
+
     def compute(self) -> np.ndarray:
         """The ``(m, k)`` CKA matrix, float64. NaN (with a warning) where a layer was constant."""
         if self.num_batches == 0:
@@ -331,22 +361,6 @@ class MinibatchCKA:
 
 
 # --------------------------------------------------------------------------- models -> CKA matrix
-def _batch_images(batch) -> torch.Tensor:
-    """Images from a batch: a tensor, an (images, labels, ...) tuple, or a dict with pixel values."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("pixel_values", "images", "image", "x"):
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    raise TypeError(
-        f"cannot find images in a batch of type {type(batch).__name__}; data must yield image tensors or "
-        "(images, labels) tuples"
-    )
-
-
 def _split_policy(
     token_policy: TokenPolicy | tuple[TokenPolicy, TokenPolicy],
 ) -> tuple[TokenPolicy, TokenPolicy]:
@@ -355,6 +369,95 @@ def _split_policy(
             raise ValueError(f"token_policy tuple must be (policy_a, policy_b), got {token_policy!r}")
         return token_policy
     return token_policy, token_policy
+
+
+def _models_and_data(model_a, model_b, data) -> tuple[nn.Module | None, Iterable]:
+    """Sort out the call forms ``(model_a, model_b, data)``, ``(model, None, data)``, ``(model, data)``."""
+    if model_b is not None and not isinstance(model_b, nn.Module):
+        if data is not None:
+            raise TypeError(
+                f"cka_matrix(model_a, model_b, data): model_b must be an nn.Module or None, got "
+                f"{type(model_b).__name__}; the data comes third (or as data=...)"
+            )
+        model_b, data = None, model_b  # cka_matrix(model, data): a model with itself
+    if data is None:
+        raise TypeError(
+            "cka_matrix needs data: cka_matrix(model_a, model_b, data) or cka_matrix(model, data=...)"
+        )
+    if not isinstance(model_a, nn.Module):
+        raise TypeError(f"cka_matrix: model_a must be an nn.Module, got {type(model_a).__name__}")
+    return model_b, data
+
+
+@dataclass
+class _LayerPlan:
+    """Which layers of which models are compared, and how many forward passes a batch needs.
+
+    ``self_compare``: one model with itself (same layers, same policy): one forward, one set of
+    Grams serving both sides. ``one_forward``: two layer sets or policies of ONE model: one
+    forward fills both captures. Otherwise each model runs once per batch.
+    """
+
+    model_a: nn.Module
+    model_b: nn.Module | None
+    names_a: list[str]
+    names_b: list[str]
+    policy_a: TokenPolicy
+    policy_b: TokenPolicy
+    self_compare: bool
+    one_forward: bool
+
+    @classmethod
+    def build(cls, model_a, model_b, layers_a, layers_b, token_policy) -> _LayerPlan:
+        policy_a, policy_b = _split_policy(token_policy)
+        if model_b is None and layers_b is not None:
+            raise ValueError(
+                "layers_b given without model_b; pass model_b=model_a to compare two layer sets of one model"
+            )
+        self_compare = model_b is None or (
+            model_b is model_a
+            and (layers_b is None or list(layers_b) == list(layers_a or []))
+            and policy_a == policy_b
+        )
+        names_a = _resolve_layers(model_a, layers_a, policy_a)
+        names_b = names_a if self_compare else _resolve_layers(model_b, layers_b, policy_b)
+        one_forward = not self_compare and model_b is model_a
+        return cls(
+            model_a, model_b, list(names_a), list(names_b), policy_a, policy_b, self_compare, one_forward
+        )
+
+    @property
+    def models(self) -> list[nn.Module]:
+        return [self.model_a] if self.self_compare or self.one_forward else [self.model_a, self.model_b]
+
+    @contextmanager
+    def grams(self, gram_dtype: torch.dtype) -> Iterator[Callable[[torch.Tensor], tuple]]:
+        """Within the context, ``grams_of(images) -> (grams_a (m, b, b), grams_b (k, b, b) or None)``.
+
+        Forward hooks turn each layer's output into its Gram matrix at once, so no activation
+        outlives its layer's forward pass.
+        """
+
+        def to_gram(name: str, feats: torch.Tensor) -> torch.Tensor:
+            return feature_gram(feats, dtype=gram_dtype)
+
+        cap_b = (
+            nullcontext()
+            if self.self_compare
+            else ActivationCapture(self.model_b, self.names_b, self.policy_b, transform=to_gram)
+        )
+        with ActivationCapture(self.model_a, self.names_a, self.policy_a, transform=to_gram) as cap_a, cap_b:
+
+            def grams_of(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                if self.one_forward:  # model_a's forward fills both captures
+                    cap_b.clear()
+                grams_a = torch.stack(list(cap_a.run(images).values()))
+                if self.self_compare:
+                    return grams_a, None
+                captured_b = cap_b.collect() if self.one_forward else cap_b.run(images)
+                return grams_a, torch.stack(list(captured_b.values()))
+
+            yield grams_of
 
 
 def cka_matrix(
@@ -387,81 +490,31 @@ def cka_matrix(
     and its Grams serve both sides. Layers default to :func:`default_layers` (for the ``"cls"``
     policy, without the patch embedding, which has no [CLS] token).
 
+    Under an initialised ``torch.distributed`` process group each rank takes every W-th batch
+    and the HSIC sums are added across ranks once at the end (:mod:`vitlens.analysis.distributed`):
+    every rank returns the single-process matrix (to float64 rounding). A batch too small for the
+    estimator (< 4 images debiased) is skipped with a warning, by whichever rank holds it, exactly
+    as one process skips it.
+
     ``gram_dtype``: float32 (default) centres and multiplies features in single precision with
     float64 accumulation (relative error ~1e-7, several times faster on CPU); float64 for
     reference-grade numbers. Models are moved to ``device`` and put back in their previous
     train/eval mode afterwards. Returns ``(matrix (m, k), names_a, names_b)``.
     """
-    from tqdm.auto import tqdm
-
-    if model_b is not None and not isinstance(model_b, nn.Module):
-        if data is not None:
-            raise TypeError(
-                f"cka_matrix(model_a, model_b, data): model_b must be an nn.Module or None, got "
-                f"{type(model_b).__name__}; the data comes third (or as data=...)"
-            )
-        model_b, data = None, model_b  # cka_matrix(model, data): a model with itself
-    if data is None:
-        raise TypeError(
-            "cka_matrix needs data: cka_matrix(model_a, model_b, data) or cka_matrix(model, data=...)"
-        )
-    if not isinstance(model_a, nn.Module):
-        raise TypeError(f"cka_matrix: model_a must be an nn.Module, got {type(model_a).__name__}")
-    policy_a, policy_b = _split_policy(token_policy)
-    self_compare = model_b is None or (
-        model_b is model_a
-        and (layers_b is None or list(layers_b) == list(layers_a or []))
-        and policy_a == policy_b
-    )
-    if model_b is None and layers_b is not None:
-        raise ValueError(
-            "layers_b given without model_b; pass model_b=model_a to compare two layer sets of one model"
-        )
-    names_a = _resolve_layers(model_a, layers_a, policy_a)
-    names_b = names_a if self_compare else _resolve_layers(model_b, layers_b, policy_b)
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-
+    model_b, data = _models_and_data(model_a, model_b, data)
+    plan = _LayerPlan.build(model_a, model_b, layers_a, layers_b, token_policy)
     acc = MinibatchCKA(
-        len(names_a),
-        None if self_compare else len(names_b),
+        len(plan.names_a),
+        None if plan.self_compare else len(plan.names_b),
         kernel=kernel,
         debiased=debiased,
         sigma_frac=sigma_frac,
     )
-
-    def to_gram(name: str, feats: torch.Tensor) -> torch.Tensor:
-        return feature_gram(feats, dtype=gram_dtype)
-
-    one_forward = not self_compare and model_b is model_a
-    models = [model_a] if self_compare or one_forward else [model_a, model_b]
-    was_training = [m.training for m in models]
-    for m in models:
-        m.to(device).eval()
-
-    total = len(data) if hasattr(data, "__len__") else None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    cap_b = (
-        nullcontext() if self_compare else ActivationCapture(model_b, names_b, policy_b, transform=to_gram)
-    )
-    try:
-        with ActivationCapture(model_a, names_a, policy_a, transform=to_gram) as cap_a, cap_b:
-            for i, batch in enumerate(
-                tqdm(data, total=total, desc="CKA", unit="batch", disable=not progress)
-            ):
-                if max_batches is not None and i >= max_batches:
-                    break
-                images = _batch_images(batch).to(device, non_blocking=True)
-                if one_forward:  # two layer sets / policies of one model: model_a's forward fills both
-                    cap_b.clear()
-                grams_a = torch.stack(list(cap_a.run(images).values()))
-                grams_b = None
-                if not self_compare:
-                    captured_b = cap_b.collect() if one_forward else cap_b.run(images)
-                    grams_b = torch.stack(list(captured_b.values()))
-                acc.update_grams(grams_a, grams_b)
-    finally:
-        for m, t in zip(models, was_training):
-            m.train(t)
-    return acc.compute(), list(names_a), list(names_b)
+    batches = RankBatches(data, max_batches=max_batches, progress=progress, desc="CKA")
+    with eval_mode(*plan.models), plan.grams(gram_dtype) as grams_of:
+        for m in plan.models:
+            m.to(device)
+        for batch in batches:
+            acc.update_grams(*grams_of(batch_images(batch).to(device, non_blocking=True)))
+    acc.sum_across_ranks()
+    return acc.compute(), plan.names_a, plan.names_b

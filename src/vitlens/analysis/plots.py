@@ -69,10 +69,12 @@ def plot_cka_heatmap(
     *,
     label_a: str = "model A",
     label_b: str = "model B",
+    run: Mapping | None = None,
 ) -> Path:
     """Layer-by-layer CKA heatmap: rows are ``names_a`` (y axis), columns ``names_b`` (x axis),
     input layers at the bottom-left (Kornblith et al. 2019, Raghu et al. 2021). Also writes
-    ``<path>.csv`` (rows = names_a, header = names_b)."""
+    ``<path>.csv`` (rows = names_a, header = names_b). ``run``: how the numbers were made (seed,
+    images, processes), stored in the JSON under ``"run"``."""
     m = np.asarray(matrix, dtype=float)
     if m.shape != (len(names_a), len(names_b)):
         raise ValueError(f"matrix shape {m.shape} does not match {len(names_a)} x {len(names_b)} layer names")
@@ -103,6 +105,7 @@ def plot_cka_heatmap(
             "names_a": list(names_a),
             "names_b": list(names_b),
             "matrix": m,
+            **({"run": dict(run)} if run is not None else {}),
         },
     )
     with open(png.with_suffix(".csv"), "w", newline="") as f:

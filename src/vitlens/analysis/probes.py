@@ -26,14 +26,18 @@ ViT on 32 px images) so both models have comparable token counts; smaller maps k
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError, DataError
+from ..utils import eval_mode, to_2tuple
 from .capture import ActivationCapture, default_layers, layer_prefix_tokens
+from .common import patch_grid
+from .distributed import RankBatches, max_across_ranks, sum_across_ranks, world
 
 
 class _TokenGrid:
@@ -139,25 +143,145 @@ class _PerPositionRidgeStats(_RidgeStats):
         return w, ybar[None, :] - torch.einsum("nd,ndk->nk", mu, w)
 
 
-def _batches(data: Iterable, max_images: int | None):
-    """Yield (images, labels) until ``max_images`` images were given (the last batch is cut)."""
-    seen = 0
-    for batch in data:
+class _TokenReader:
+    """The capture ``transform``: a layer's flattened tokens -> (B, N, D) float64, prefix tokens dropped.
+
+    Also remembers each layer's token grid: a CNN map's own (pooled) size; for a token sequence
+    the model's patch grid when the count matches (a ViT), else one row of N tokens.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], grid) -> None:
+        self.policy = _TokenGrid(None if grid is None else to_2tuple(grid))
+        self.prefix = {n: layer_prefix_tokens(model, n) for n in layers}
+        patches = patch_grid(model)
+        self.model_grid = None if patches is None else patches[0]
+        self.grids: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        n, d, g = self.policy.shape
+        t = flat.view(flat.shape[0], n, d)[:, self.prefix[name] if g is None else 0 :]
+        if g is None:
+            mg = self.model_grid
+            g = mg if mg and mg[0] * mg[1] == t.shape[1] else (1, t.shape[1])
+        self.grids[name] = tuple(g)
+        return t.double()
+
+
+def _labelled(batches: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in batches:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError("probe data must yield (images, labels) batches")
-        images, labels = batch[0], torch.as_tensor(batch[1])
-        if max_images is not None:
-            if seen >= max_images:
-                return
-            images, labels = images[: max_images - seen], labels[: max_images - seen]
-        seen += images.shape[0]
-        yield images, labels
-    if seen == 0:
-        raise ValueError("no images to fit probes on; the data iterable is empty")
+        yield batch[0], torch.as_tensor(batch[1])
 
 
-def _pair(grid) -> tuple[int, int] | None:
-    return None if grid is None else ((grid, grid) if isinstance(grid, int) else tuple(grid))
+def _stats_tensors(st: _RidgeStats) -> list[torch.Tensor]:
+    return [
+        st.sx,
+        st.sxx,
+        st.sxy,
+        st.sy,
+        torch.tensor([float(st.n)], dtype=torch.float64, device=st.sx.device),
+    ]
+
+
+class _ProbeStats:
+    """Pass 1: per layer, the ridge statistics of the class probe and of the position probe."""
+
+    def __init__(self, per_position: bool, device) -> None:
+        self.per_position, self.device = per_position, device
+        self.cls: dict[str, _RidgeStats | _PerPositionRidgeStats] = {}
+        self.pos: dict[str, _RidgeStats] = {}
+
+    def _create(self, name: str, positions: int, dim: int) -> None:
+        self.cls[name] = (
+            _PerPositionRidgeStats.empty(positions, dim, self.device)
+            if self.per_position
+            else _RidgeStats.empty(dim, 1, self.device)
+        )
+        self.pos[name] = _RidgeStats.empty(dim, positions, self.device)
+
+    def update(self, name: str, t: torch.Tensor, labels: torch.Tensor) -> None:
+        """t (B, N, D) float64 tokens of one layer, labels (B,)."""
+        B, N, D = t.shape
+        if name not in self.cls:
+            self._create(name, N, D)
+        x = t.reshape(B * N, D)
+        xx = x.T @ x
+        if self.per_position:
+            self.cls[name].update(t, labels)
+        else:  # every token of every image is an example, labelled with its image's class
+            self.cls[name].update(x, labels.repeat_interleave(N), xx)
+        self.pos[name].update(x, torch.arange(N, device=self.device).repeat(B), xx)
+
+    def sum_across_ranks(self, layers: list[str], reader: _TokenReader) -> None:
+        """Agree on every layer's shapes (a rank may have seen no batch), then add all statistics at once."""
+        shapes = []
+        for n in layers:
+            st, g = self.pos.get(n), reader.grids.get(n, (0, 0))
+            shapes += [0, 0, 0, 0, 0] if st is None else [*st.sxx.shape[-1:], *g, self.cls[n].sy.shape[0], 1]
+        shapes = max_across_ranks(shapes)
+        for i, n in enumerate(layers):
+            dim, gh, gw, classes, seen = shapes[5 * i : 5 * i + 5]
+            if not seen:
+                raise DataError("no images to fit probes on; the data iterable is empty")
+            if n not in self.cls:
+                self._create(n, gh * gw, dim)
+                reader.grids[n] = (gh, gw)
+            self.cls[n].grow(classes)
+        stats = [st for n in layers for st in (self.cls[n], self.pos[n])]
+        summed = sum_across_ranks([t for st in stats for t in _stats_tensors(st)], "probe statistics")
+        for k, st in enumerate(stats):
+            st.sx, st.sxx, st.sxy, st.sy, n = summed[5 * k : 5 * k + 5]
+            st.n = int(n.item())
+
+
+def _fit(
+    cap: ActivationCapture, data, stats: _ProbeStats, reader: _TokenReader, *, device, max_images, progress
+):
+    """Pass 1 over the train split: the probes' sufficient statistics, summed over ranks, solved."""
+    for images, labels in _labelled(
+        RankBatches(data, max_images=max_images, progress=progress, desc="probes: train")
+    ):
+        labels = labels.to(stats.device)
+        for name, t in cap.run(images.to(device)).items():
+            stats.update(name, t.to(stats.device), labels)
+    if world()[1] > 1:
+        stats.sum_across_ranks(cap.layers, reader)
+    elif not stats.cls:
+        raise DataError("no images to fit probes on; the data iterable is empty")
+
+
+def _score(cap: ActivationCapture, data, fits: dict, stats: _ProbeStats, *, device, max_images, progress):
+    """Pass 2 over the test split: per layer, correct class and position predictions per position."""
+    dev, per_position = stats.device, stats.per_position
+    correct_cls = {
+        n: torch.zeros(stats.pos[n].sy.shape[0], dtype=torch.float64, device=dev) for n in cap.layers
+    }
+    correct_pos = {n: torch.zeros_like(c) for n, c in correct_cls.items()}
+    count = 0
+    for images, labels in _labelled(
+        RankBatches(data, max_images=max_images, progress=progress, desc="probes: test")
+    ):
+        labels = labels.to(dev)
+        for name, t in cap.run(images.to(device)).items():
+            t = t.to(dev)  # (B, N, D)
+            (wc, bc), (wp, bp) = fits[name]
+            pos = torch.arange(t.shape[1], device=dev)
+            # (B, N, K) class scores: one probe for all positions, or each position's own
+            scores = torch.einsum("bnd,ndk->bnk", t, wc) + bc if per_position else t @ wc + bc
+            correct_cls[name] += (scores.argmax(-1) == labels[:, None]).sum(0).double()
+            correct_pos[name] += ((t @ wp + bp).argmax(-1) == pos).sum(0).double()
+        count += images.shape[0]
+    if world()[1] > 1:
+        n = len(cap.layers)
+        summed = sum_across_ranks(
+            [*correct_cls.values(), *correct_pos.values(), torch.tensor([float(count)])], "probe accuracies"
+        )
+        correct_cls, correct_pos = dict(zip(cap.layers, summed[:n])), dict(zip(cap.layers, summed[n : 2 * n]))
+        count = int(summed[-1].item())
+    if count == 0:
+        raise DataError("no test images to score the probes on; the test data iterable is empty")
+    return correct_cls, correct_pos, count
 
 
 @torch.no_grad()
@@ -183,94 +307,34 @@ def localization_probes(
     (h, w), "grid_size", "num_positions", "num_classes", "chance_class", "chance_position",
     "train_tokens", "class_probe"}}`` with accuracies in [0, 1]. ``class_probe``: ``"shared"`` (one
     class probe for all positions) or ``"per_position"`` (one per position; see the module doc).
+
+    Under an initialised ``torch.distributed`` process group each rank takes every W-th batch of
+    each split; the ridge statistics, then the correct counts, are added across ranks once per
+    split (see :mod:`vitlens.analysis.distributed`), and every rank returns the same result.
     """
-    from tqdm.auto import tqdm
-
     if class_probe not in ("shared", "per_position"):
-        raise ValueError(f"class_probe must be 'shared' or 'per_position', got {class_probe!r}")
-
+        raise ConfigError(f"class_probe must be 'shared' or 'per_position', got {class_probe!r}")
     layers = default_layers(model) if layers is None else list(layers)
-    policy = _TokenGrid(_pair(grid))
-    prefix = {n: layer_prefix_tokens(model, n) for n in layers}
-    grids: dict[str, tuple[int, int] | None] = {}
-    geo_grid = None
-    try:
-        from .attention import token_geometry
-
-        geo_grid = token_geometry(model).grid_size
-    except ValueError:
-        pass  # a CNN: grids come from the feature maps
-
-    def tokens(name: str, flat: torch.Tensor) -> torch.Tensor:  # capture transform: -> (B, N, D) float64
-        n, d, g = policy.shape
-        t = flat.view(flat.shape[0], n, d)[:, prefix[name] if g is None else 0 :]
-        if g is None:  # token sequence: the model's patch grid when the count matches
-            g = geo_grid if geo_grid and geo_grid[0] * geo_grid[1] == t.shape[1] else (1, t.shape[1])
-        grids[name] = g
-        return t.double()
-
-    was_training = model.training
-    model.to(device).eval()
-    stats_dev = "cpu" if torch.device(device).type == "mps" else device  # no float64 on MPS
-    cls_stats: dict[str, _RidgeStats | _PerPositionRidgeStats] = {}
-    pos_stats: dict[str, _RidgeStats] = {}
-    per_position = class_probe == "per_position"
-    try:
-        with ActivationCapture(model, layers, token_policy=policy, transform=tokens) as cap:
-            # ---- pass 1: sufficient statistics on the train split
-            for images, labels in tqdm(
-                _batches(train_data, max_images), desc="probes: train", disable=not progress, leave=False
-            ):
-                acts = cap.run(images.to(device))
-                for name, t in acts.items():
-                    t = t.to(stats_dev)
-                    B, N, D = t.shape
-                    x = t.reshape(B * N, D)
-                    y = labels.to(stats_dev)
-                    y_pos = torch.arange(N, device=stats_dev).repeat(B)
-                    if name not in cls_stats:
-                        cls_stats[name] = (
-                            _PerPositionRidgeStats.empty(N, D, stats_dev)
-                            if per_position
-                            else _RidgeStats.empty(D, 1, stats_dev)
-                        )
-                        pos_stats[name] = _RidgeStats.empty(D, N, stats_dev)
-                    xx = x.T @ x
-                    if per_position:
-                        cls_stats[name].update(t, y)
-                    else:  # every token of every image is an example, labelled with its image's class
-                        cls_stats[name].update(x, y.repeat_interleave(N), xx)
-                    pos_stats[name].update(x, y_pos, xx)
-            fits = {n: (cls_stats[n].solve(ridge), pos_stats[n].solve(ridge)) for n in layers}
-            # ---- pass 2: accuracy per position on the test split
-            correct_cls = {n: 0.0 for n in layers}
-            correct_pos = {n: 0.0 for n in layers}
-            count = 0
-            for images, labels in tqdm(
-                _batches(test_data, max_images), desc="probes: test", disable=not progress, leave=False
-            ):
-                acts = cap.run(images.to(device))
-                labels = labels.to(stats_dev)
-                for name, t in acts.items():
-                    t = t.to(stats_dev)  # (B, N, D)
-                    (wc, bc), (wp, bp) = fits[name]
-                    pos = torch.arange(t.shape[1], device=stats_dev)
-                    # (B, N, K) class scores: one probe for all positions, or each position's own
-                    scores = torch.einsum("bnd,ndk->bnk", t, wc) + bc if per_position else t @ wc + bc
-                    correct_cls[name] = (
-                        correct_cls[name] + (scores.argmax(-1) == labels[:, None]).sum(0).double()
-                    )
-                    correct_pos[name] = correct_pos[name] + ((t @ wp + bp).argmax(-1) == pos).sum(0).double()
-                count += images.shape[0]
-    finally:
-        model.train(was_training)
+    reader = _TokenReader(model, layers, grid)
+    stats = _ProbeStats(
+        class_probe == "per_position", "cpu" if torch.device(device).type == "mps" else device
+    )
+    passes = {"device": device, "max_images": max_images, "progress": progress}
+    with (
+        eval_mode(model),
+        ActivationCapture(model, layers, token_policy=reader.policy, transform=reader) as cap,
+    ):
+        model.to(device)
+        _fit(cap, train_data, stats, reader, **passes)
+        fits = {n: (stats.cls[n].solve(ridge), stats.pos[n].solve(ridge)) for n in layers}
+        correct_cls, correct_pos, count = _score(cap, test_data, fits, stats, **passes)
 
     results = {}
     for name in layers:
-        g = grids[name]
+        g = reader.grids[name]
         cmap = (correct_cls[name] / count).view(*g).cpu().numpy()
         pmap = (correct_pos[name] / count).view(*g).cpu().numpy()
-        k, npos = cls_stats[name].sy.shape[0], g[0] * g[1]
+        k, npos = stats.cls[name].sy.shape[0], g[0] * g[1]
         results[name] = {
             "class_acc": float(cmap.mean()),
             "position_acc": float(pmap.mean()),
@@ -281,7 +345,7 @@ def localization_probes(
             "num_classes": k,
             "chance_class": 1.0 / k,
             "chance_position": 1.0 / npos,
-            "train_tokens": pos_stats[name].n,
+            "train_tokens": stats.pos[name].n,
             "class_probe": class_probe,
         }
     return results

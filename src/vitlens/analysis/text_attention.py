@@ -1,10 +1,10 @@
 """Attention of the language models, read per head: maps, entropy, distance in tokens.
 
-Recording goes through :func:`vitlens.analysis.attention.record_attention` (each vitlens
-``Attention`` switched to its explicit-softmax path, probabilities hooked at ``attn_probs``),
-so GPT, BERT and the encoder-decoder need nothing of their own. What differs from images is
-the geometry: tokens sit on a line, so the distance between query i and key j is |i - j|
-tokens, and some positions are padding.
+Recording goes through :func:`vitlens.analysis.attention.attention_probs`, the same path as the
+image analyses (each vitlens ``Attention`` switched to its explicit-softmax path, probabilities
+hooked at ``attn_probs``), so GPT, BERT and the encoder-decoder need nothing of their own. What
+differs from images is the geometry: tokens sit on a line, so the distance between query i and
+key j is |i - j| tokens, and some positions are padding.
 
 * entropy of head h: mean over real (non-padding) queries of ``-sum_j a_ij log a_ij``, in nats.
   Masked keys have probability 0 and add nothing. For comparison, uniform attention over the
@@ -19,20 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attention_layers, record_attention
+from ..errors import ConfigError, ModelError
+from .attention import attention_entropy, attention_layers, attention_probs
 
-
-@torch.no_grad()
-def text_attention(model: nn.Module, *inputs, layers=None, **kwargs) -> dict[str, torch.Tensor]:
-    """Run ``model(*inputs, **kwargs)`` in eval mode; -> {layer name: probabilities (B, heads, L, S)}."""
-    was = model.training
-    model.eval()
-    try:
-        with record_attention(model, layers) as rec:
-            model(*inputs, **kwargs)
-    finally:
-        model.train(was)
-    return {name: rec[name] for name in rec.layers}
+# Run ``model(*inputs, **kwargs)`` in eval mode -> {layer name: probabilities (B, heads, L, S)}.
+text_attention = attention_probs
 
 
 def token_distances(q_len: int, k_len: int, query_offset: int | None = None) -> torch.Tensor:
@@ -60,8 +51,7 @@ def head_entropy(probs: torch.Tensor, query_padding_mask: torch.Tensor | None = 
     """(heads,) mean attention entropy in nats over real queries; probs (B, heads, L, S)."""
     if probs.dim() != 4:
         raise ValueError(f"expected probabilities (B, heads, L, S), got {tuple(probs.shape)}")
-    p = probs.double()
-    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (B, H, L); 0 log 0 = 0
+    ent = attention_entropy(probs, reduce=False)  # (B, H, L); 0 log 0 = 0
     w = _query_weights(probs, query_padding_mask)  # (B, 1, L)
     return (ent * w).sum(dim=(0, 2)) / w.sum().clamp_min(1.0)
 
@@ -103,7 +93,7 @@ def text_attention_report(model: nn.Module, tok, text: str) -> dict:
     from ..models.gpt import GPT
 
     if not isinstance(model, (GPT, Bert)):
-        raise ValueError(
+        raise ModelError(
             f"{type(model).__name__} is not a GPT or BERT; for other models use text_attention "
             "with head_entropy / head_distance"
         )
@@ -137,7 +127,7 @@ def translation_attention_report(model: nn.Module, tok, source: str, target: str
     from ..text.data import BOS, EOS
 
     if not isinstance(model, Seq2SeqTransformer):
-        raise ValueError(f"{type(model).__name__} is not an encoder-decoder; use text_attention_report")
+        raise ModelError(f"{type(model).__name__} is not an encoder-decoder; use text_attention_report")
     dev = next(model.parameters()).device
     src_ids = tok.encode(source).ids + [EOS]
     tgt_ids = [BOS] + tok.encode(target).ids
@@ -175,7 +165,7 @@ def plot_text_attention(report: dict, layer: int | str, path: str, max_heads: in
 
     name = report["layers"][layer] if isinstance(layer, int) else layer
     if name not in report["maps"]:
-        raise ValueError(f"no layer {name!r}; layers: {report['layers']}")
+        raise ConfigError(f"no layer {name!r}; layers: {report['layers']}")
     maps = report["maps"][name][:max_heads]
     q_labels, k_labels = ([repr(t)[1:-1] for t in labels] for labels in _axis_labels(report, name))
     H = maps.shape[0]

@@ -1,12 +1,20 @@
 """``vitlens cka``, ``vitlens attention`` and ``vitlens probe``: look inside trained models.
 
 Each takes run directories (or checkpoints, model names, ``timm:NAME``; see
-:mod:`vitlens.analysis.loading`), evaluates on a deterministic subset of the data with eval
+:mod:`vitlens.models.loading`), evaluates on a deterministic subset of the data with eval
 transforms, and writes figures with their numbers (PNG + JSON/CSV) to ``--out``.
+
+Under ``torchrun --nproc_per_node=N -m vitlens cka ...`` the processes split the batches of the
+image subset and add their statistics once at the end (:mod:`vitlens.analysis.distributed`):
+the numbers are those of one process; rank 0 alone writes. A model built from a name has
+random weights seeded by ``--seed`` (the i-th model on the command line gets ``seed + i``), so
+the same command gives the same numbers; every JSON records the seed, the image indices'
+fingerprint, the world size and the images per rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,28 +24,37 @@ _SPEC_HELP = "run directory, vitlens checkpoint, registered model name, or timm:
 
 
 # ----------------------------------------------------------------------------- argument parsing
+# The flags every analysis command takes: (flag, add_argument keywords).
+COMMON_FLAGS = [
+    ("--out", {"required": True, "help": "output folder for figures and numbers"}),
+    ("--data", {"default": None, "help": "cifar10-mini | cifar10 | cifar100 | imagefolder "
+                "(default: the dataset the run trained on, else cifar10-mini)"}),
+    ("--data-dir", {"default": None, "help": "where the dataset lives"}),
+    ("--batch-size", {"type": int, "default": 64}),
+    ("--device", {"default": "auto", "help": "auto | cpu | cuda | cuda:1 | mps"}),
+    ("--which", {"default": "last", "choices": ["last", "best"], "help": "checkpoint of a run directory"}),
+    ("--model", {"default": None, "help": "architecture of a foreign (timm/torchvision) checkpoint RUN"}),
+    ("--num-classes", {"type": int, "default": None, "help": "head size of a model built from a name"}),
+    ("--pretrained", {"action": "store_true",
+                      "help": "models given by name load the hub's weights (timm:NAME[.TAG], "
+                      "torchvision:NAME, hf:REPO, or a registered timm/torchvision name), from the local "
+                      "cache first"}),
+    ("--checkpoint", {"default": None,
+                      "help": "weights for a model given by name (registered name, timm:NAME, "
+                      "torchvision:NAME); timm, torchvision, Hugging Face or vitlens layout, .safetensors "
+                      "or .pt/.pth"}),
+    ("--seed", {"type": int, "default": 0,
+                "help": "seed of the random weights of models built from a name (model i gets seed + i); "
+                "the image subset is the same for every seed"}),
+    ("--dist-timeout", {"type": float, "default": 600.0,
+                        "help": "under torchrun: seconds a process waits for the others before it stops "
+                        "with an error"}),
+]  # fmt: skip
+
+
 def _common(p) -> None:
-    p.add_argument(
-        "--data",
-        default=None,
-        help="cifar10-mini | cifar10 | cifar100 | imagefolder "
-        "(default: the dataset the run trained on, else cifar10-mini)",
-    )
-    p.add_argument("--data-dir", default=None, help="where the dataset lives")
-    p.add_argument("--out", required=True, help="output folder for figures and numbers")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    p.add_argument("--which", default="last", choices=["last", "best"], help="checkpoint of a run directory")
-    p.add_argument(
-        "--model", default=None, help="architecture of a foreign (timm/torchvision) checkpoint RUN"
-    )
-    p.add_argument("--num-classes", type=int, default=None, help="head size of a model built from a name")
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="weights for a model given by name (registered name, timm:NAME, torchvision:NAME); "
-        "timm, torchvision, Hugging Face or vitlens layout, .safetensors or .pt/.pth",
-    )
+    for flag, options in COMMON_FLAGS:
+        p.add_argument(flag, **options)
 
 
 def register(sub) -> None:
@@ -90,18 +107,38 @@ def register(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def _device(name: str) -> torch.device:
+@contextlib.contextmanager
+def _processes(args):
+    """This process's device; under torchrun, joined to the others' process group for the command."""
+    from ..analysis.distributed import init_from_torchrun, rank_device
+
+    name = args.device
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = rank_device(name)
+    joined = init_from_torchrun(device, args.dist_timeout)
+    try:
+        yield device
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
-def _load(spec: str, args, model_name: str | None = None, checkpoint: str | None = None):
-    from ..analysis.loading import load_model_and_meta
+def _load(spec: str, args, model_name: str | None = None, checkpoint: str | None = None, position: int = 0):
+    """(model, label, meta); random weights (a model built from a name) are seeded by ``seed + position``."""
+    from ..models.loading import load_model
 
-    return load_model_and_meta(
-        spec, model_name=model_name, num_classes=args.num_classes, checkpoint=checkpoint, which=args.which
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + position)
+        model, meta = load_model(
+            spec,
+            model_name=model_name,
+            num_classes=args.num_classes,
+            checkpoint=checkpoint,
+            which=args.which,
+            pretrained=args.pretrained and not Path(spec).exists(),  # a run or file brings its own weights
+        )
+    return model, meta["label"], {**meta, "seed": args.seed + position}
 
 
 def _img_size(model, meta: dict) -> int | None:
@@ -111,35 +148,44 @@ def _img_size(model, meta: dict) -> int | None:
     return None if size is None else int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def _subset(ds, max_images: int | None, seed: int = 0):
-    """A fixed random subset (same images for every run and command), so all classes appear."""
-    from torch.utils.data import Subset
-
-    if max_images is None or max_images >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_images]
-    return Subset(ds, sorted(idx.tolist()))
-
-
 def _data(args, model, meta: dict):
     """(train split with eval transforms, test split, DataInfo) for this model's input size."""
     from ..data import TransformedDataset, build_data
 
     name = args.data or meta.get("data") or "cifar10-mini"
-    train_ds, test_ds, info = build_data(name, args.data_dir, img_size=_img_size(model, meta))
+    pre = meta.get("preprocess") or {}  # a pretrained model's own normalisation (mean/std)
+    train_ds, test_ds, info = build_data(
+        name, args.data_dir, img_size=_img_size(model, meta), mean=pre.get("mean"), std=pre.get("std")
+    )
     train_eval = TransformedDataset(train_ds.base, test_ds.transform)  # no augmentation for analysis
     return train_eval, test_ds, info
 
 
-def _loader(ds, batch_size: int, drop_last: bool = False):
+def _loader(ds, args, drop_last: bool = False):
+    """The seeded ``--max-images`` subset of ``ds`` in fixed batches (never shuffled)."""
     from torch.utils.data import DataLoader
 
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=drop_last and len(ds) > batch_size)
+    from ..analysis.common import image_subset
+
+    subset = image_subset(ds, args.max_images, seed=0)  # the same images for every command
+    return DataLoader(
+        subset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        drop_last=drop_last and len(subset) > args.batch_size,
+    )
+
+
+def _images_record(loader, seed: int) -> dict:
+    """What a result records about its images: seed, index fingerprint, world size, images per rank."""
+    from ..analysis.distributed import RankBatches
+
+    return {"seed": seed, **RankBatches(loader).describe()}
 
 
 def _load_runs(args) -> list[tuple]:
     """(model, label, meta) for every model named on the command line, labels made unique."""
-    loaded = [_load(spec, args, args.model, args.checkpoint) for spec in args.runs]
+    loaded = [_load(spec, args, args.model, args.checkpoint, i) for i, spec in enumerate(args.runs)]
     labels = _unique_labels([label for _, label, _ in loaded])
     return [(model, label, meta) for (model, _, meta), label in zip(loaded, labels)]
 
@@ -153,6 +199,10 @@ def _unique_labels(labels: list[str]) -> list[str]:
     return out
 
 
+def out_path(args, name: str) -> Path:
+    return Path(args.out) / name
+
+
 def _write_json(path: Path, obj) -> Path:
     from ..analysis.plots import to_jsonable
 
@@ -164,103 +214,122 @@ def _write_json(path: Path, obj) -> Path:
 # ----------------------------------------------------------------------------- commands
 def run_cka(args) -> int:
     from ..analysis import cka_matrix
+    from ..analysis.distributed import is_main_process
     from ..analysis.plots import plot_cka_heatmap
 
-    out, device = Path(args.out), _device(args.device)
-    model_a, label_a, meta_a = _load(args.run_a, args, args.model, args.checkpoint)
-    model_b, label_b = None, label_a
-    if args.run_b is not None:
-        model_b, label_b, _ = _load(args.run_b, args, args.model_b, args.checkpoint_b)
-        label_a, label_b = _unique_labels([label_a, label_b])
-    _, test_ds, _ = _data(args, model_a, meta_a)
-    policy = tuple(args.token_policy.split(",")) if "," in args.token_policy else args.token_policy
-    loader = _loader(_subset(test_ds, args.max_images), args.batch_size, drop_last=True)
-    matrix, names_a, names_b = cka_matrix(
-        model_a,
-        model_b,
-        loader,
-        layers_a=args.layers_a,
-        layers_b=args.layers_b,
-        token_policy=policy,
-        kernel=args.kernel,
-        device=device,
-    )
-    title = f"CKA: {label_a}" + (f" vs {label_b}" if model_b is not None else "")
-    png = plot_cka_heatmap(matrix, names_a, names_b, out / "cka", title, label_a=label_a, label_b=label_b)
+    with _processes(args) as device:
+        model_a, label_a, meta_a = _load(args.run_a, args, args.model, args.checkpoint)
+        model_b, label_b, meta_b = None, label_a, meta_a
+        if args.run_b is not None:
+            model_b, label_b, meta_b = _load(args.run_b, args, args.model_b, args.checkpoint_b, position=1)
+            label_a, label_b = _unique_labels([label_a, label_b])
+        _, test_ds, _ = _data(args, model_a, meta_a)
+        policy = tuple(args.token_policy.split(",")) if "," in args.token_policy else args.token_policy
+        loader = _loader(test_ds, args, drop_last=True)
+        options = {"layers_a": args.layers_a, "layers_b": args.layers_b, "token_policy": policy}
+        matrix, names_a, names_b = cka_matrix(
+            model_a, model_b, loader, **options, kernel=args.kernel, device=device
+        )
+        if not is_main_process():
+            return 0
+        title = f"CKA: {label_a}" + (f" vs {label_b}" if model_b is not None else "")
+        run = {**_images_record(loader, args.seed), "seed_b": meta_b["seed"], "kernel": args.kernel}
+        png = plot_cka_heatmap(
+            matrix, names_a, names_b, out_path(args, "cka"), title, label_a=label_a, label_b=label_b, run=run
+        )
     print(f"wrote {png}, {png.with_suffix('.json')}, {png.with_suffix('.csv')}")
     return 0
 
 
-def run_attention(args) -> int:
-    from ..analysis.attention import attention_maps, attention_statistics
-    from ..analysis.plots import plot_attention_distance, plot_attention_maps
+def _attention_maps(args, model, label: str, test_ds, info, device) -> None:
+    """Attention maps and rollout of the first ``--num-maps`` test images, one figure each."""
+    from ..analysis.attention import attention_maps
+    from ..analysis.plots import plot_attention_maps
 
-    out, device = Path(args.out), _device(args.device)
-    distances, stats = {}, {}
-    for model, label, meta in _load_runs(args):
-        _, test_ds, info = _data(args, model, meta)
-        st = attention_statistics(
-            model, _loader(_subset(test_ds, args.max_images), args.batch_size), device=device, progress=True
+    for i in range(min(args.num_maps, len(test_ds))):
+        image, target = test_ds[i]
+        maps = attention_maps(model, image.to(device), args.map_layer, discard_ratio=args.discard_ratio)
+        cls = info.classes[target] if target < len(info.classes) else str(target)
+        title = f"{label}: {maps['layer']}, test image {i} ({cls})"
+        plot_attention_maps(
+            image, maps, out_path(args, "maps") / f"{label}_img{i}", title, mean=info.mean, std=info.std
         )
-        distances[label] = st["distance"]
-        stats[label] = {
-            **st,
-            "mean_distance_per_layer": st["distance"].mean(1),
-            "images": min(args.max_images, len(test_ds)),
-        }
-        for i in range(min(args.num_maps, len(test_ds))):
-            image, target = test_ds[i]
-            maps = attention_maps(model, image.to(device), args.map_layer, discard_ratio=args.discard_ratio)
-            cls = info.classes[target] if target < len(info.classes) else str(target)
-            plot_attention_maps(
-                image,
-                maps,
-                out / "maps" / f"{label}_img{i}",
-                title=f"{label}: {maps['layer']}, test image {i} ({cls})",
-                mean=info.mean,
-                std=info.std,
-            )
-    png = plot_attention_distance(distances, out / "attention_distance")
-    _write_json(out / "attention_stats.json", stats)
-    print(f"wrote {png}, {out / 'attention_stats.json'} and maps in {out / 'maps'}")
+
+
+def run_attention(args) -> int:
+    from ..analysis.attention import attention_statistics
+    from ..analysis.distributed import is_main_process
+    from ..analysis.plots import plot_attention_distance
+
+    distances, stats = {}, {}
+    with _processes(args) as device:
+        main = is_main_process()  # asked inside: the process group ends with the block
+        for model, label, meta in _load_runs(args):
+            _, test_ds, info = _data(args, model, meta)
+            loader = _loader(test_ds, args)
+            st = attention_statistics(model, loader, device=device, progress=True)
+            distances[label] = st["distance"]
+            stats[label] = {
+                **st,
+                "mean_distance_per_layer": st["distance"].mean(1),
+                "images": len(loader.dataset),
+                "run": _images_record(loader, meta["seed"]),
+            }
+            if main:
+                _attention_maps(args, model, label, test_ds, info, device)
+    if not main:
+        return 0
+    png = plot_attention_distance(distances, out_path(args, "attention_distance"))
+    _write_json(out_path(args, "attention_stats.json"), stats)
+    print(f"wrote {png}, {out_path(args, 'attention_stats.json')} and maps in {out_path(args, 'maps')}")
     for label, st in stats.items():
         per_layer = ", ".join(f"{d:.1f}" for d in st["mean_distance_per_layer"])
         print(f"{label}: mean attention distance per layer (px): {per_layer}")
     return 0
 
 
+def _print_probes(label: str, res: dict) -> None:
+    for layer, r in res.items():
+        print(
+            f"{label} {layer}: class {100 * r['class_acc']:.1f}% (chance {100 * r['chance_class']:.1f}%), "
+            f"position {100 * r['position_acc']:.1f}% (chance {100 * r['chance_position']:.1f}%)"
+        )
+
+
 def run_probe(args) -> int:
+    from ..analysis.distributed import is_main_process
     from ..analysis.plots import plot_probe_accuracy
     from ..analysis.probes import localization_probes
 
-    out, device = Path(args.out), _device(args.device)
     results, class_acc, pos_acc = {}, {}, {}
-    for model, label, meta in _load_runs(args):
-        train_ds, test_ds, _ = _data(args, model, meta)
-        res = localization_probes(
-            model,
-            _loader(_subset(train_ds, args.max_images), args.batch_size),
-            _loader(_subset(test_ds, args.max_images), args.batch_size),
-            args.layers,
-            grid=args.grid,
-            ridge=args.ridge,
-            max_images=args.max_images,
-            class_probe=args.class_probe,
-            device=device,
-            progress=True,
-        )
-        results[label] = res
-        class_acc[label] = {layer: r["class_acc"] for layer, r in res.items()}
-        pos_acc[label] = {layer: r["position_acc"] for layer, r in res.items()}
-        for layer, r in res.items():
-            print(
-                f"{label} {layer}: class {100 * r['class_acc']:.1f}% "
-                f"(chance {100 * r['chance_class']:.1f}%), "
-                f"position {100 * r['position_acc']:.1f}% (chance {100 * r['chance_position']:.1f}%)"
+    options = {"grid": args.grid, "ridge": args.ridge, "max_images": args.max_images}
+    with _processes(args) as device:
+        main = is_main_process()  # asked inside: the process group ends with the block
+        for model, label, meta in _load_runs(args):
+            train_ds, test_ds, _ = _data(args, model, meta)
+            loaders = {"train": _loader(train_ds, args), "test": _loader(test_ds, args)}
+            res = localization_probes(
+                model,
+                *loaders.values(),
+                args.layers,
+                **options,
+                class_probe=args.class_probe,
+                device=device,
+                progress=True,
             )
-    chance = next(iter(next(iter(results.values())).values()))["chance_class"]
-    p1 = plot_probe_accuracy(class_acc, out / "probe_class", "Class from a single token", chance=chance)
-    p2 = plot_probe_accuracy(pos_acc, out / "probe_position", "Position from a single token")
-    _write_json(out / "probes.json", results)
-    print(f"wrote {p1}, {p2}, {out / 'probes.json'}")
+            run = {split: _images_record(loader, meta["seed"]) for split, loader in loaders.items()}
+            results[label] = {"run": run, "layers": res}
+            class_acc[label] = {layer: r["class_acc"] for layer, r in res.items()}
+            pos_acc[label] = {layer: r["position_acc"] for layer, r in res.items()}
+            if main:
+                _print_probes(label, res)
+    if not main:
+        return 0
+    chance = next(iter(next(iter(results.values()))["layers"].values()))["chance_class"]
+    p1 = plot_probe_accuracy(
+        class_acc, out_path(args, "probe_class"), "Class from a single token", chance=chance
+    )
+    p2 = plot_probe_accuracy(pos_acc, out_path(args, "probe_position"), "Position from a single token")
+    _write_json(out_path(args, "probes.json"), results)
+    print(f"wrote {p1}, {p2}, {out_path(args, 'probes.json')}")
     return 0

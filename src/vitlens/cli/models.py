@@ -13,7 +13,15 @@ def register(sub) -> None:
 def run(args) -> int:
     from .. import create_model, list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        from ..errors import ModelError
+
+        raise ModelError(
+            f"no registered model matches {args.pattern!r}; `vitlens models` lists them all "
+            "(patterns are shell-style: 'vit_*', '*resnet*')"
+        )
+    for name in names:
         if args.params:
             n = sum(p.numel() for p in create_model(name).parameters())
             print(f"{name:28s} {n / 1e6:8.2f}M")

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import MISSING, fields
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+from . import ArgumentParser, add_run_arguments, run_config
 
 TRANSLATE_USAGE = """usage: vitlens translate train [--data-dir DIR] [--out RUN] [options]
        vitlens translate RUN "Ein Mann fährt Fahrrad." [...]
@@ -24,42 +27,34 @@ Train a translation model, translate sentences, or translate a file (sacreBLEU w
 the decoding ones."""
 
 
-# ------------------------------------------------------------------------------- config flags
-def add_dataclass_arguments(p: argparse.ArgumentParser, cls, helps: dict[str, str] | None = None) -> None:
-    """One ``--flag`` per dataclass field (``--max-steps`` for ``max_steps``); unset flags are absent."""
-    helps = helps or {}
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()
-        kw = {"default": argparse.SUPPRESS, "help": f"{helps.get(f.name, '')} (default: {default})".strip()}
-        t = str(f.type)
-        if t == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif t == "dict":
-            p.add_argument(flag, type=json.loads, **kw)
-        else:
-            p.add_argument(flag, type=float if "float" in t else int if "int" in t else str, **kw)
+# ------------------------------------------------------------------------------- value checks
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
 
 
-def config_from_args(cls, args) -> object:
-    """``--config`` file (YAML or JSON) if given, then every flag that was set on the command line."""
-    from pathlib import Path
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
 
-    from ..train.text_run import config_from_dict
 
-    values = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
 
-            values = yaml.safe_load(path.read_text()) or {}
-        else:
-            values = json.loads(path.read_text())
-    values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-    return config_from_dict(cls, values)
+
+# argparse names the type in its message: "invalid non-negative int value: '-5'"
+_nonneg_int.__name__, _positive_int.__name__, _nonneg_float.__name__ = (
+    "non-negative int",
+    "positive int",
+    "non-negative float",
+)
 
 
 _LM_HELP = {
@@ -94,17 +89,17 @@ def register(sub) -> None:
     lm.set_defaults(func=lambda args: lm.print_help() or 2)
 
     t = lm_sub.add_parser("train", help="train a GPT (next character) or BERT (masked characters)")
-    t.add_argument("--config", help="YAML/JSON LMTrainConfig file; flags override it")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    add_dataclass_arguments(t, LMTrainConfig, _LM_HELP)
+    add_run_arguments(t, LMTrainConfig, _LM_HELP, choices={"amp": ["auto", "bf16", "fp16", "fp32"]})
     t.set_defaults(func=run_lm_train)
 
     s = lm_sub.add_parser("sample", help="generate text from a trained GPT run")
     s.add_argument("run", help="run directory of `vitlens lm train`")
     s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    s.add_argument("--max-new-tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest characters (0 = all)")
+    s.add_argument("--max-new-tokens", type=_nonneg_int, default=500)
+    s.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy")
+    s.add_argument(
+        "--top-k", type=_nonneg_int, default=200, help="sample among the k likeliest characters (0 = all)"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
@@ -131,7 +126,8 @@ def register(sub) -> None:
 def run_lm_train(args) -> int:
     from ..train.lm import LMTrainConfig, train_lm
 
-    summary = train_lm(config_from_args(LMTrainConfig, args), resume=args.resume)
+    cfg, overrides = run_config(LMTrainConfig, args)
+    summary = train_lm(cfg, resume=args.resume, overrides=overrides)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -157,6 +153,12 @@ def run_lm_attention(args) -> int:
     from ..analysis.text_attention import text_attention_report
     from ..text.runs import load_lm
 
+    if not args.text.strip():
+        raise DataError(
+            'the text is empty; give the sentence to look at in quotes, e.g. "To be, or not to be"'
+        )
+    if args.save and Path(args.save).is_dir():
+        raise ConfigError(f"--save {args.save} is a folder; give a file name such as attention.png")
     model, tok, _ = load_lm(args.run)
     report = text_attention_report(model, tok, args.text)
     print(
@@ -176,27 +178,26 @@ def run_lm_attention(args) -> int:
 
 # ------------------------------------------------------------------------------- translate
 def _translate_train_parser(cls) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="vitlens translate train",
         description="Train the encoder-decoder Transformer (joint BPE, label smoothing, "
         "Noam warmup); ends with test BLEU, greedy and beam search.",
     )
-    p.add_argument("--config", help="YAML/JSON TranslateTrainConfig file; flags override it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    add_dataclass_arguments(p, cls, _TR_HELP)
+    add_run_arguments(p, cls, _TR_HELP, choices={"amp": ["auto", "bf16", "fp16", "fp32"]})
     return p
 
 
 def _translate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitlens translate", description="Translate with a trained run.")
+    p = ArgumentParser(prog="vitlens translate", description="Translate with a trained run.")
     p.add_argument("run", help="run directory of `vitlens translate train`")
     p.add_argument("text", nargs="*", help="sentences to translate (each one argument)")
     p.add_argument("--file", help="translate every line of this file (.gz allowed)")
     p.add_argument("--ref", help="reference translations of --file: print sacreBLEU")
-    p.add_argument("--out", help="write the translations here instead of printing them")
-    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
-    p.add_argument("--alpha", type=float, default=0.6, help="length penalty ((5+len)/6)^alpha")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", help="write the translations here instead of printing them (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    p.add_argument("--beam", type=_positive_int, default=4, help="beam size (1 = greedy)")
+    p.add_argument("--alpha", type=_nonneg_float, default=0.6, help="length penalty ((5+len)/6)^alpha")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--attention",
@@ -213,10 +214,12 @@ def run_translate(args) -> int:
         print(TRANSLATE_USAGE)
         return 0 if args.translate_help else 2
     if rest[0] == "train":
+        args.verb = "translate train"  # how an error line names the command
         from ..train.translate import train_translate
 
         targs = _translate_train_parser(args._tr_config).parse_args(rest[1:])
-        summary = train_translate(config_from_args(args._tr_config, targs), resume=targs.resume)
+        cfg, overrides = run_config(args._tr_config, targs)
+        summary = train_translate(cfg, resume=targs.resume, overrides=overrides)
         print(json.dumps(summary, indent=2))
         return 0
     return _decode(_translate_parser().parse_args(rest))
@@ -228,23 +231,36 @@ def _decode(a) -> int:
     from ..text.runs import load_translator
 
     if not a.text and not a.file:
-        raise ValueError('nothing to translate: give sentences ("Ein Mann fährt Fahrrad.") or --file FILE')
+        raise ConfigError('nothing to translate: give sentences ("Ein Mann fährt Fahrrad.") or --file FILE')
     if a.ref and not a.file:
-        raise ValueError("--ref needs --file (the references must align with the file's lines)")
+        raise ConfigError("--ref needs --file (the references must align with the file's lines)")
+    empty = [i + 1 for i, t in enumerate(a.text) if not t.strip()]
+    if empty:
+        raise DataError(f"sentence {empty[0]} is empty; give the text to translate in quotes")
+    if a.attention and (a.file or len(a.text) != 1):
+        raise ConfigError("--attention draws one sentence: give exactly one sentence and no --file")
+    if a.attention and Path(a.attention).is_dir():
+        raise ConfigError(f"--attention {a.attention} is a folder; give a file name such as attention.png")
+    if a.out:
+        _check_new_file(Path(a.out), overwrite=a.overwrite)
+    file_lines = read_lines(a.file) if a.file else []
+    if a.file and not any(line.strip() for line in file_lines):
+        raise DataError(f"{a.file} has no text to translate")
+    refs = read_lines(a.ref) if a.ref else None
+    if refs is not None and len(refs) != len(file_lines):
+        raise DataError(f"--ref has {len(refs)} lines but --file has {len(file_lines)}; they must align")
     model, tok, _ = load_translator(a.run, a.device)
-    sentences = list(a.text) + (read_lines(a.file) if a.file else [])
+    sentences = list(a.text) + file_lines
     hyps = translate(
         model, tok, sentences, beam_size=a.beam, alpha=a.alpha, batch_size=a.batch_size, device=a.device
     )
     if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(hyps) + "\n")
+        _write_atomic(Path(a.out), "\n".join(hyps) + "\n")
     else:
         sys.stdout.write("\n".join(hyps) + "\n")
     if a.attention:
         _translation_attention(model, tok, sentences, hyps, a.attention)
-    if a.ref:
-        refs = read_lines(a.ref)
+    if refs is not None:
         file_hyps = hyps[len(a.text) :]
         print(
             f"BLEU = {corpus_bleu(file_hyps, refs):.2f} (sacreBLEU, detokenized, {len(refs)} sentences, "
@@ -254,11 +270,29 @@ def _decode(a) -> int:
     return 0
 
 
+def _check_new_file(path: Path, *, overwrite: bool) -> None:
+    """Refuse before any work: an existing file (unless ``overwrite``), a folder, a missing parent."""
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--out {path} already exists; choose another file or pass --overwrite")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {path}: the folder {path.parent} does not exist")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A temporary file beside the target, then a rename: an interrupted write leaves no half file.
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _translation_attention(model, tok, sentences, hyps, path) -> None:
     from ..analysis.text_attention import plot_text_attention, translation_attention_report
 
-    if len(sentences) != 1:
-        raise ValueError(f"--attention draws one sentence; got {len(sentences)}")
     report = translation_attention_report(model, tok, sentences[0], hyps[0])
     for layer, ent, dist in zip(report["layers"], report["entropy"], report["distance"]):
         cells = "  ".join(

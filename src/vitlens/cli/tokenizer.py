@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+
+from . import add_run_arguments, run_config
+
+_HELP = {
+    "kind": "vq: train a VQ-VAE (tokenizer.safetensors); palette: k-means colours (palette.safetensors)",
+    "data": "cifar10-mini | cifar10 | cifar100 | imagefolder",
+    "init": "start from this tokenizer file (same model options), with a fresh schedule",
+    "time_budget_min": "stop after the epoch that exceeds this many minutes",
+}
 
 
 def register(sub) -> None:
@@ -23,31 +31,14 @@ def register(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = TokenizerTrainConfig()
-    for f in fields(TokenizerTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif f.name == "kind":
-            p.add_argument(
-                flag,
-                choices=["vq", "palette"],
-                default=value,
-                help="vq: train a VQ-VAE (tokenizer.safetensors); "
-                "palette: k-means colours (palette.safetensors)",
-            )
-        else:
-            # f.type is the annotation as text ("float | None"): int, float, or a string
-            typ = int if f.type.startswith("int") else float if f.type.startswith("float") else str
-            p.add_argument(flag, type=typ, default=value, help=f"(default: {value})")
+    add_run_arguments(p, TokenizerTrainConfig, _HELP, choices={"kind": ["vq", "palette"]})
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
-    values = {f.name: getattr(args, f.name) for f in fields(TokenizerTrainConfig)}
-    summary = train_tokenizer(TokenizerTrainConfig(**values))
+    cfg, overrides = run_config(TokenizerTrainConfig, args)
+    summary = train_tokenizer(cfg, resume=args.resume, overrides=overrides)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return 0

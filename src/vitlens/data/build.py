@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch.utils.data import Subset
 
+from ..errors import DataError
 from .catalog import build_dataset
 from .datasets import TensorImageDataset, TransformedDataset
 from .subset import nested_fraction_indices
@@ -68,7 +69,7 @@ def build_data(
     if train_base.classes != test_base.classes:
         only_train = sorted(set(train_base.classes) - set(test_base.classes))
         only_test = sorted(set(test_base.classes) - set(train_base.classes))
-        raise ValueError(
+        raise DataError(
             f"the train and test splits of {name} have different classes "
             f"(only in train: {only_train or '-'}; only in test: {only_test or '-'}), so their labels "
             "would not match; give both splits the same class folders"

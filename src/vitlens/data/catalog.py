@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, DataError, MissingFileError
 from .cache import DecodedSplit, cache_file, load_decoded, save_decoded
 from .datasets import LazyImageDataset, TensorImageDataset
 from .decode import CorruptImageError, CorruptImageWarning, check_on_corrupt, decode_all
@@ -86,7 +87,7 @@ def build_dataset(
                 stacklevel=2,
             )
         if not EMBEDDED_CIFAR10_MINI.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"the embedded dataset {EMBEDDED_CIFAR10_MINI} is missing from this install; "
                 "reinstall vitlens, or rebuild it with scripts/make_embedded_subset.py"
             )
@@ -95,12 +96,12 @@ def build_dataset(
         return _build_cifar(key, split, data_dir, download=download, **opts)
     if key == "imagefolder":
         if data_dir is None:
-            raise ValueError(
+            raise ConfigError(
                 "dataset 'imagefolder' needs data_dir (--data-dir): a folder or .tar/.tar.gz holding "
                 "train/<class>/<image> and test/<class>/<image> (or val/)"
             )
         return load_image_folder(data_dir, split, **opts)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
 def load_image_folder(
@@ -136,7 +137,7 @@ def load_image_folder(
     skipped_names = [source.names[i] for i in skipped]
     source.drop(set(skipped))
     if len(source) == 0:
-        raise ValueError(
+        raise DataError(
             f"none of the {n} image files in {source.location} could be decoded; check the files"
         )
     if images is None:  # differing sizes, or too big to hold decoded
@@ -196,11 +197,11 @@ def _build_cifar(name: str, split: str, data_dir, *, download: bool, **opts) -> 
         looked.append(f"{r / split_dirs(split)[0]}/<class>/<image>  (ImageFolder)")
     if download:
         return _torchvision_cifar(name, root, split, download=True)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{name} ({split} split) not found. Looked for:\n    "
         + "\n    ".join(looked)
-        + f"\nFix: pass --data-dir (data_dir=) pointing at a folder with one of these, or --download "
-        f"(download=True) when online to fetch it into {root}"
+        + f"\nFix: pass --data-dir (data_dir=) pointing at a folder with one of these (or, from Python "
+        f"when online, build_dataset(..., download=True) fetches it into {root})"
     )
 
 
@@ -211,12 +212,12 @@ def _torchvision_cifar(name: str, root: Path, split: str, *, download: bool) -> 
     try:
         ds = cls(root=str(root), train=split == "train", download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name} binary files in {root / TORCHVISION_DIRS[name]} are missing or corrupted ({e}); "
-            "delete that folder and pass --download (download=True) to fetch it again"
+            "delete that folder and fetch it again (from Python: download=True), or pass another --data-dir"
         ) from None
     except OSError as e:  # no network, most likely
-        raise OSError(
+        raise DataError(
             f"could not download {name} into {root} ({type(e).__name__}: {e}); without internet, fetch it "
             "elsewhere and pass --data-dir"
         ) from None

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import ConfigError
+
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec; Pillow takes over once it is gone
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # pragma: no cover - depends on the torchvision version
@@ -49,7 +51,7 @@ class CorruptImageWarning(UserWarning):
 
 def check_on_corrupt(on_corrupt: str) -> str:
     if on_corrupt not in ON_CORRUPT:
-        raise ValueError(f"on_corrupt={on_corrupt!r} is not supported; use one of {ON_CORRUPT}")
+        raise ConfigError(f"on_corrupt={on_corrupt!r} is not supported; use one of {ON_CORRUPT}")
     return on_corrupt
 
 

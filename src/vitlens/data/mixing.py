@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from ..errors import ConfigError
+
 
 class BatchMixer:
     """``(images, labels) -> (images, soft_labels)``: with probability ``prob`` apply one of ``mixers``."""
@@ -37,11 +39,11 @@ def build_batch_mixer(
 ) -> BatchMixer | None:
     """MixUp and/or CutMix (chosen at random per batch when both alphas are > 0); ``None`` when both are 0."""
     if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(
+        raise ConfigError(
             f"mixup_alpha and cutmix_alpha must be >= 0 (0 disables), got {mixup_alpha}, {cutmix_alpha}"
         )
     if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob is the chance a batch gets mixed, in [0, 1]; got {prob}")
+        raise ConfigError(f"prob is the chance a batch gets mixed, in [0, 1]; got {prob}")
     mixers = []
     if mixup_alpha > 0:
         mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))

@@ -19,6 +19,8 @@ import tarfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from ..errors import ConfigError, DataError, MissingFileError
+
 #: What counts as an image file (torchvision's list, plus .gif).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -33,7 +35,7 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 def split_dirs(split: str) -> tuple[str, ...]:
     if split not in SPLIT_DIRS:
-        raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLIT_DIRS)}")
+        raise ConfigError(f"unknown split {split!r}; use one of {sorted(SPLIT_DIRS)}")
     return SPLIT_DIRS[split]
 
 
@@ -86,17 +88,17 @@ class DirectorySource(ImageFolderSource):
     def __init__(self, root: str | os.PathLike, split: str):
         root = Path(root).expanduser()
         if not root.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"image folder {root} does not exist; {LAYOUT_HINT}. Pass the folder that holds train/ "
                 "and test/ (--data-dir)"
             )
         if not root.is_dir():
-            raise ValueError(f"{root} is not a directory or a .tar/.tar.gz archive; {LAYOUT_HINT}")
+            raise DataError(f"{root} is not a directory or a .tar/.tar.gz archive; {LAYOUT_HINT}")
         candidates = split_dirs(split)
         found = [root / d for d in candidates if (root / d).is_dir()]
         if not found:
             present = sorted(p.name for p in root.iterdir() if p.is_dir()) or ["nothing"]
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no {' or '.join(repr(d + '/') for d in candidates)} folder in {root} (it holds "
                 f"folders: {', '.join(present)}); {LAYOUT_HINT}"
             )
@@ -119,7 +121,7 @@ class DirectorySource(ImageFolderSource):
                 if loose
                 else f"it has no image files ({', '.join(IMG_EXTENSIONS)}) in class folders"
             )
-            raise ValueError(f"{self.split_dir} is empty for training: {why}; {LAYOUT_HINT}")
+            raise DataError(f"{self.split_dir} is empty for training: {why}; {LAYOUT_HINT}")
         self.names, self.targets = paths, targets
 
     def read(self, i: int) -> bytes:
@@ -145,7 +147,7 @@ class TarSource(ImageFolderSource):
     def __init__(self, path: str | os.PathLike, split: str):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"archive {self.path} does not exist; {LAYOUT_HINT} inside a .tar/.tar.gz"
             )
         self.location = str(self.path)
@@ -175,13 +177,13 @@ class TarSource(ImageFolderSource):
                         (parts[split_at + 1], m.name, m.offset_data, m.size, data)
                     )
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            raise ValueError(
+            raise DataError(
                 f"could not read the archive {self.path} ({type(e).__name__}: {e}); it looks damaged or is "
                 "not a tar file. Re-download or re-create it, or pass an unpacked folder instead"
             ) from None
         chosen = next((d for d in candidates if entries[d]), None)
         if chosen is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no {' or '.join(repr(d + '/<class>/<image>') for d in candidates)} entries in {self.path} "
                 f"(top-level names: {', '.join(sorted(top_level)) or 'no image files at all'}); {LAYOUT_HINT}"
             )

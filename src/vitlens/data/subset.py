@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from ..errors import ConfigError
+
 
 def nested_fraction_indices(targets, fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted indices of a class-balanced ``fraction`` of ``targets``, nested across fractions.
@@ -22,7 +24,7 @@ def nested_fraction_indices(targets, fraction: float, seed: int = 0) -> np.ndarr
     ``nested_fraction_indices(t, 0.05) ⊆ nested_fraction_indices(t, 0.1)``.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (0 < fraction <= 1):
-        raise ValueError(
+        raise ConfigError(
             f"fraction must be a number in (0, 1] (the share of each class's training images to use), "
             f"got {fraction!r}; e.g. 0.1 for 10%"
         )

@@ -19,6 +19,8 @@ import re
 import torch
 from torchvision.transforms import v2
 
+from ..errors import ConfigError
+
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -50,14 +52,14 @@ def parse_randaugment(spec) -> tuple[int, int] | None:
     if isinstance(spec, str):
         parts = spec.strip().lower().split("-")
         if parts[0] != "rand" or len(parts) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"randaugment={spec!r} is not understood; write it like 'rand-m9-n2' (magnitude 9, 2 ops)"
             )
         vals = {"n": 2, "m": 9}
         for p in parts[1:]:
             m = re.fullmatch(r"([a-z]+)(\d+)", p)
             if m is None or m.group(1) not in vals:
-                raise ValueError(
+                raise ConfigError(
                     f"randaugment={spec!r}: {p!r} is not supported (torchvision's RandAugment takes only "
                     "m<magnitude> and n<num_ops>); write it like 'rand-m9-n2'"
                 )
@@ -67,11 +69,11 @@ def parse_randaugment(spec) -> tuple[int, int] | None:
         try:
             num_ops, magnitude = (int(v) for v in spec)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise ConfigError(
                 f"randaugment={spec!r}: give a string like 'rand-m9-n2' or (num_ops, magnitude)"
             ) from None
     if num_ops < 1 or not 0 <= magnitude <= 30:
-        raise ValueError(f"randaugment={spec!r}: need num_ops >= 1 and 0 <= magnitude <= 30")
+        raise ConfigError(f"randaugment={spec!r}: need num_ops >= 1 and 0 <= magnitude <= 30")
     return num_ops, magnitude
 
 
@@ -103,13 +105,13 @@ def build_transforms(
             of at most :data:`SMALL_IMAGE_MAX` px.
     """
     if img_size < 1:
-        raise ValueError(f"img_size must be a positive number of pixels, got {img_size}")
+        raise ConfigError(f"img_size must be a positive number of pixels, got {img_size}")
     if not 0.0 <= random_erasing <= 1.0:
-        raise ValueError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
+        raise ConfigError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
     if crop is None:
         crop = "pad" if (src_size or img_size) <= SMALL_IMAGE_MAX else "rrc"
     if crop not in ("pad", "rrc"):
-        raise ValueError(
+        raise ConfigError(
             f"crop={crop!r} is not a recipe; use 'pad' (CIFAR-style) or 'rrc' (RandomResizedCrop)"
         )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError, MissingFileError
+
 FORMAT = "vitlens"
+_TEMP_NAME = re.compile(r"^\..+\.[^.]+\.tmp$")  # atomic_write's ".NAME.<random>.tmp"
 
 
 def atomic_write(path: str | Path, write_fn) -> None:
@@ -39,6 +43,23 @@ def atomic_write(path: str | Path, write_fn) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files that interrupted atomic writes left in ``folder``.
+
+    Call it when a run starts (before any writer of this folder is running): a temporary file
+    is only ever valid while its writer lives. Returns the removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and _TEMP_NAME.match(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -103,16 +124,25 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[dict, 
     """Return ``(model_state, meta, state)`` from a vitlens checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with safe_open(str(path), framework="pt", device=map_location) as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(
-                f"{path} is not a vitlens training checkpoint (no 'format: vitlens' metadata); "
-                "to load plain weights use vitlens.create_model(name, checkpoint=path)"
-            )
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device=map_location) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{path} is not a vitlens training checkpoint (no 'format: vitlens' metadata); "
+                    "to load plain weights use vitlens.create_model(name, checkpoint=path)"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(metadata.get("meta", "{}"))
+        skeleton = json.loads(metadata.get("state", "{}"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors' own error types (damaged header or data), bad JSON
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"could not read {path} as a vitlens checkpoint ({first}); the file is empty, "
+                              "truncated or not a safetensors file: use another checkpoint (e.g. "
+                              "checkpoints/best.safetensors) or retrain") from None
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    meta = json.loads(metadata.get("meta", "{}"))
-    state = _unflatten(json.loads(metadata.get("state", "{}")), tensors)
+    state = _unflatten(skeleton, tensors)
     return model_state, meta, state

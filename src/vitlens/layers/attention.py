@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..errors import ModelError
 from .hooks import HookPoint
 
 # Below this many keys, CPU training in bf16/fp16 uses SDPA's math backend: PyTorch's CPU
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             msg = f"dim {dim} is not divisible by num_heads {num_heads}; pick a head count that divides it"
-            raise ValueError(msg)
+            raise ModelError(msg)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5

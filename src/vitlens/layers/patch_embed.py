@@ -10,21 +10,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def to_2tuple(x) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)
+from ..errors import ModelError
+from ..utils import to_2tuple
 
 
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, H/P * W/P, D). Attributes used by the analysis: ``grid_size``, ``patch_size``."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768):
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
         super().__init__()
         self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
         check_divisible(self.img_size, self.patch_size)
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size,
+                              bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_divisible(tuple(x.shape[-2:]), self.patch_size)
@@ -39,7 +39,7 @@ class PatchEmbed(nn.Module):
 
 def check_divisible(img_size: tuple[int, int], patch_size: tuple[int, int]) -> None:
     if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
-        raise ValueError(
+        raise ModelError(
             f"image size {img_size[0]}x{img_size[1]} is not divisible by patch size "
             f"{patch_size[0]}x{patch_size[1]}; resize the images (e.g. --img-size) or choose a patch size "
             f"that divides them"

@@ -8,11 +8,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import ModelError
+
 
 def sincos_1d(length: int, dim: int, *, temperature: float = 10000.0) -> torch.Tensor:
     """(length, dim) table of "Attention Is All You Need": sin on even channels, cos on odd."""
     if dim % 2:
-        raise ValueError(f"sinusoidal embedding needs an even dim, got {dim}")
+        raise ModelError(f"sinusoidal embedding needs an even dim, got {dim}")
     pos = torch.arange(length, dtype=torch.float64)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(temperature) / dim))
     table = torch.zeros(length, dim, dtype=torch.float64)
@@ -24,7 +26,7 @@ def sincos_1d(length: int, dim: int, *, temperature: float = 10000.0) -> torch.T
 def sincos_2d(grid_h: int, grid_w: int, dim: int, *, temperature: float = 10000.0) -> torch.Tensor:
     """(grid_h*grid_w, dim) table: half the channels encode the row, half the column (MAE layout)."""
     if dim % 4:
-        raise ValueError(f"2D sin-cos embedding needs dim divisible by 4, got {dim}")
+        raise ModelError(f"2D sin-cos embedding needs dim divisible by 4, got {dim}")
     ys, xs = torch.meshgrid(
         torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
     )

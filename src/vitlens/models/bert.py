@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..layers import Block, HookPoint, LayerNorm
-from .registry import register_model
+from .registry import register_models
 
 
 @dataclass
@@ -39,6 +39,8 @@ class BertConfig:
 
 
 class Bert(nn.Module):
+    """Token ids (B, T) -> contextual vectors; heads for masked tokens and for the class of [CLS]."""
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.cfg = cfg
@@ -153,17 +155,9 @@ def mask_tokens(
     return inputs, labels
 
 
-def _bert(defaults: dict, overrides: dict) -> Bert:
-    return Bert(BertConfig(**{**defaults, **overrides}))
-
-
-@register_model
-def bert_mini(**kw):
-    """4 layers, 4 heads, 256 wide (the size of Turc et al.'s BERT-Mini), context 256."""
-    return _bert(dict(depth=4, num_heads=4, embed_dim=256, max_len=256), kw)
-
-
-@register_model
-def bert_nano(**kw):
-    """2 layers, 2 heads, 32 wide, context 64: for tests."""
-    return _bert(dict(depth=2, num_heads=2, embed_dim=32, max_len=64, dropout=0.0), kw)
+register_models(Bert, BertConfig, {
+    # 4 layers, 4 heads, 256 wide (the size of Turc et al.'s BERT-Mini), context 256
+    "bert_mini": dict(depth=4, num_heads=4, embed_dim=256, max_len=256),
+    # 2 layers, 2 heads, 32 wide, context 64: for tests
+    "bert_nano": dict(depth=2, num_heads=2, embed_dim=32, max_len=64, dropout=0.0),
+})

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelError
 from ..layers import Block, HookPoint, LayerNorm
-from .registry import register_model
+from .registry import register_models
 
 
 @dataclass
@@ -39,7 +40,7 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+            raise ModelError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
 
 
 class GPT(nn.Module):
@@ -164,23 +165,11 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-def _gpt(defaults: dict, overrides: dict) -> GPT:
-    return GPT(GPTConfig(**{**defaults, **overrides}))
-
-
-@register_model
-def gpt_char_baby(**kw):
-    """nanoGPT's Shakespeare-char "baby GPT": 6 layers, 6 heads, 384 wide, context 256 (~10.7M params)."""
-    return _gpt(dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2), kw)
-
-
-@register_model
-def gpt_char_mini(**kw):
-    """4 layers, 4 heads, 128 wide, context 128: a character model that learns in minutes on a CPU."""
-    return _gpt(dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0), kw)
-
-
-@register_model
-def gpt_nano(**kw):
-    """2 layers, 2 heads, 32 wide, context 64: for tests."""
-    return _gpt(dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0), kw)
+register_models(GPT, GPTConfig, {
+    # nanoGPT's Shakespeare-char "baby GPT": 6 layers, 6 heads, 384 wide, context 256 (~10.7M params)
+    "gpt_char_baby": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+    # 4 layers, 4 heads, 128 wide, context 128: a character model that learns in minutes on a CPU
+    "gpt_char_mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.0),
+    # 2 layers, 2 heads, 32 wide, context 64: for tests
+    "gpt_nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0),
+})

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .registry import register_model
+from ..errors import ModelError
+from .registry import register_models
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -27,8 +28,11 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
+                 base_width: int = 64):
         super().__init__()
+        if base_width != 64:
+            raise ModelError("base_width (wide ResNets) needs block='bottleneck'")
         self.conv1, self.bn1 = conv3x3(cin, width, stride), nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = conv3x3(width, width), nn.BatchNorm2d(width)
@@ -42,15 +46,21 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce -> 3x3 (stride here, torchvision's 'ResNet v1.5') -> 1x1 expand."""
+    """1x1 reduce -> 3x3 (stride here, torchvision's 'ResNet v1.5') -> 1x1 expand.
+
+    ``base_width`` 128 doubles the inner width but not the output (wide ResNets, Zagoruyko &
+    Komodakis 2016, as torchvision's ``wide_resnet50_2``).
+    """
 
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
+                 base_width: int = 64):
         super().__init__()
-        self.conv1, self.bn1 = conv1x1(cin, width), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv3x3(width, width, stride), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = conv1x1(width, width * 4), nn.BatchNorm2d(width * 4)
+        inner = width * base_width // 64
+        self.conv1, self.bn1 = conv1x1(cin, inner), nn.BatchNorm2d(inner)
+        self.conv2, self.bn2 = conv3x3(inner, inner, stride), nn.BatchNorm2d(inner)
+        self.conv3, self.bn3 = conv1x1(inner, width * 4), nn.BatchNorm2d(width * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -67,6 +77,7 @@ class ResNetConfig:
     block: str = "basic"  # 'basic' | 'bottleneck'
     layers: tuple[int, ...] = (2, 2, 2, 2)
     widths: tuple[int, ...] = (64, 128, 256, 512)
+    base_width: int = 64  # bottleneck inner width per 64 of ``widths``: 128 for wide ResNets
     stem: str = "imagenet"  # 'imagenet' | 'cifar'
     in_chans: int = 3
     num_classes: int = 1000
@@ -75,11 +86,11 @@ class ResNetConfig:
 
     def __post_init__(self):
         if self.block not in ("basic", "bottleneck"):
-            raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+            raise ModelError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         if self.stem not in ("imagenet", "cifar"):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+            raise ModelError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
         if len(self.layers) != len(self.widths):
-            raise ValueError(f"layers {self.layers} and widths {self.widths} must have the same length")
+            raise ModelError(f"layers {self.layers} and widths {self.widths} must have the same length")
         self.layers, self.widths = tuple(self.layers), tuple(self.widths)
 
 
@@ -100,7 +111,7 @@ class ResNet(nn.Module):
         cin = w0
         for i, (n, width) in enumerate(zip(cfg.layers, cfg.widths)):
             stride = 1 if i == 0 else 2
-            stage, cin = self._make_stage(block, cin, width, n, stride)
+            stage, cin = self._make_stage(block, cin, width, n, stride, cfg.base_width)
             self.add_module(f"layer{i + 1}", stage)
         self.num_features = cin
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -109,12 +120,13 @@ class ResNet(nn.Module):
         self._init_weights(zero_init_residual=cfg.zero_init_residual)
 
     @staticmethod
-    def _make_stage(block, cin: int, width: int, n: int, stride: int):
+    def _make_stage(block, cin: int, width: int, n: int, stride: int, base_width: int):
         cout = width * block.expansion
         downsample = None
         if stride != 1 or cin != cout:  # projection shortcut ("option B")
             downsample = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-        blocks = [block(cin, width, stride, downsample)] + [block(cout, width) for _ in range(n - 1)]
+        blocks = [block(cin, width, stride, downsample, base_width)]
+        blocks += [block(cout, width, base_width=base_width) for _ in range(n - 1)]
         return nn.Sequential(*blocks), cout
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -153,48 +165,23 @@ class ResNet(nn.Module):
         return asdict(self.cfg)
 
 
-def _resnet(defaults: dict, overrides: dict) -> ResNet:
-    return ResNet(ResNetConfig(**{**defaults, **overrides}))
+# -- the registered variants ------------------------------------------------------------------
+_CIFAR = dict(stem="cifar", num_classes=10)  # CIFAR ResNets: 3x3 stem, no max-pool
 
-
-# -- torchvision layout (ImageNet stem) --------------------------------------------------------
-@register_model
-def resnet18(**kw):
-    return _resnet(dict(block="basic", layers=(2, 2, 2, 2)), kw)
-
-
-@register_model
-def resnet34(**kw):
-    return _resnet(dict(block="basic", layers=(3, 4, 6, 3)), kw)
-
-
-@register_model
-def resnet50(**kw):
-    return _resnet(dict(block="bottleneck", layers=(3, 4, 6, 3)), kw)
-
-
-# -- CIFAR ResNets: 3x3 stem, no max-pool ----------------------------------------------------
-_CIFAR = dict(stem="cifar", num_classes=10)
-
-
-@register_model
-def resnet18_cifar(**kw):
-    """The widely used CIFAR ResNet-18 (64-512 wide, 11M parameters)."""
-    return _resnet(dict(_CIFAR, block="basic", layers=(2, 2, 2, 2)), kw)
-
-
-@register_model
-def resnet20(**kw):
-    """He et al.'s CIFAR ResNet-20: three stages of 3 blocks, 16/32/64 channels (0.27M parameters)."""
-    return _resnet(dict(_CIFAR, block="basic", layers=(3, 3, 3), widths=(16, 32, 64)), kw)
-
-
-@register_model
-def resnet56(**kw):
-    return _resnet(dict(_CIFAR, block="basic", layers=(9, 9, 9), widths=(16, 32, 64)), kw)
-
-
-@register_model
-def resnet8_cifar(**kw):
-    """A small, fast CIFAR ResNet (3 stages x 1 block, 32/64/128) for the quickstart on a CPU."""
-    return _resnet(dict(_CIFAR, block="basic", layers=(1, 1, 1), widths=(32, 64, 128)), kw)
+register_models(ResNet, ResNetConfig, {
+    # torchvision layout (ImageNet stem), equal to torchvision's models of the same names
+    "resnet18": dict(block="basic", layers=(2, 2, 2, 2)),
+    "resnet34": dict(block="basic", layers=(3, 4, 6, 3)),
+    "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3)),
+    "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3)),
+    "resnet152": dict(block="bottleneck", layers=(3, 8, 36, 3)),
+    "wide_resnet50_2": dict(block="bottleneck", layers=(3, 4, 6, 3), base_width=128),
+    "wide_resnet101_2": dict(block="bottleneck", layers=(3, 4, 23, 3), base_width=128),
+    # the widely used CIFAR ResNet-18 (64-512 wide, 11M parameters)
+    "resnet18_cifar": dict(_CIFAR, block="basic", layers=(2, 2, 2, 2)),
+    # He et al.'s CIFAR ResNet-20/56: three stages of 3 (9) blocks, 16/32/64 channels
+    "resnet20": dict(_CIFAR, block="basic", layers=(3, 3, 3), widths=(16, 32, 64)),
+    "resnet56": dict(_CIFAR, block="basic", layers=(9, 9, 9), widths=(16, 32, 64)),
+    # a small, fast CIFAR ResNet (3 stages x 1 block, 32/64/128) for the quickstart on a CPU
+    "resnet8_cifar": dict(_CIFAR, block="basic", layers=(1, 1, 1), widths=(32, 64, 128)),
+})

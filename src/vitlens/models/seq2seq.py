@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..layers import Block, CrossBlock, HookPoint, LayerNorm, sincos_1d
-from .registry import register_model
+from .registry import register_models
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Seq2SeqConfig:
 
     def __post_init__(self):
         if self.share_src_tgt_embed and self.src_vocab_size != self.tgt_vocab_size:
-            raise ValueError(
+            raise ModelError(
                 "share_src_tgt_embed needs one joint vocabulary (src_vocab_size == tgt_vocab_size); "
                 "set share_src_tgt_embed=False for separate vocabularies"
             )
@@ -153,48 +154,14 @@ class Seq2SeqTransformer(nn.Module):
         return asdict(self.cfg)
 
 
-def _s2s(defaults: dict, overrides: dict) -> Seq2SeqTransformer:
-    return Seq2SeqTransformer(Seq2SeqConfig(**{**defaults, **overrides}))
-
-
-@register_model
-def transformer_multi30k(**kw):
-    """3 + 3 layers, d=256, MLP 512, 8 heads: the small Multi30k model (~6M parameters with a joint,
-    three-way-tied 8k BPE vocabulary; ~9M with separate 10k source and target embeddings)."""
-    return _s2s(dict(d_model=256, mlp_dim=512, num_heads=8, enc_layers=3, dec_layers=3), kw)
-
-
-@register_model
-def transformer_base(**kw):
-    """The paper's base model: 6 + 6 layers, d=512, MLP 2048, 8 heads."""
-    return _s2s(
-        dict(
-            d_model=512,
-            mlp_dim=2048,
-            num_heads=8,
-            enc_layers=6,
-            dec_layers=6,
-            src_vocab_size=37000,
-            tgt_vocab_size=37000,
-        ),
-        kw,
-    )
-
-
-@register_model
-def transformer_nano(**kw):
-    """1 + 1 layers, d=32, 2 heads, vocab 64: for tests."""
-    return _s2s(
-        dict(
-            d_model=32,
-            mlp_dim=64,
-            num_heads=2,
-            enc_layers=1,
-            dec_layers=1,
-            src_vocab_size=64,
-            tgt_vocab_size=64,
-            dropout=0.0,
-            max_len=64,
-        ),
-        kw,
-    )
+register_models(Seq2SeqTransformer, Seq2SeqConfig, {
+    # 3 + 3 layers, d=256, MLP 512, 8 heads: the small Multi30k model (~6M parameters with a joint,
+    # three-way-tied 8k BPE vocabulary; ~9M with separate 10k source and target embeddings)
+    "transformer_multi30k": dict(d_model=256, mlp_dim=512, num_heads=8, enc_layers=3, dec_layers=3),
+    # the paper's base model: 6 + 6 layers, d=512, MLP 2048, 8 heads
+    "transformer_base": dict(d_model=512, mlp_dim=2048, num_heads=8, enc_layers=6, dec_layers=6,
+                             src_vocab_size=37000, tgt_vocab_size=37000),
+    # 1 + 1 layers, d=32, 2 heads, vocab 64: for tests
+    "transformer_nano": dict(d_model=32, mlp_dim=64, num_heads=2, enc_layers=1, dec_layers=1,
+                             src_vocab_size=64, tgt_vocab_size=64, dropout=0.0, max_len=64),
+})

@@ -6,12 +6,14 @@ the analysis engine. Presets live in ``vitlens/configs/study_<name>.yaml``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
+
+from ..config import Config, from_dict, read_config_file
+from ..errors import ConfigError
 
 
 @dataclass
@@ -25,7 +27,7 @@ class ModelSpec:
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(Config):
     title: str = "Do ViTs see like CNNs, and how much data do they need?"
     data: str = "cifar10-mini"
     data_dir: str | None = None
@@ -40,18 +42,26 @@ class StudyConfig:
         default_factory=list
     )  # optional tokenizer comparison at the largest fraction
     tokenizer_model: str | None = None  # the ViT label whose recipe the tokenizer comparison reuses
+    pretrained: bool = False  # compare the hubs' pretrained models, no training (study/pretrained.py)
 
     def __post_init__(self):
-        self.models = [m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in self.models]
+        self.models = [m if isinstance(m, ModelSpec) else from_dict(ModelSpec, m) for m in self.models]
         if not self.models:
-            raise ValueError("a study needs at least one model spec under 'models:'")
+            raise ConfigError("a study needs at least one model spec under 'models:'")
         labels = [m.label for m in self.models]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"model labels must be unique, got {labels}")
+            raise ConfigError(f"model labels must be unique, got {labels}")
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad or not self.fractions:
-            raise ValueError(f"fractions must be in (0, 1], got {self.fractions}")
+            raise ConfigError(f"fractions must be in (0, 1], got {self.fractions}")
         self.fractions = sorted(float(f) for f in self.fractions)
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed, e.g. [0]")
+        if self.min_steps < 0:
+            raise ConfigError(f"min_steps must be non-negative, got {self.min_steps}")
+        epochs = self.train.get("epochs")
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise ConfigError(f"train.epochs must be a positive integer, got {epochs!r}")
 
     @classmethod
     def load(cls, path: str | Path | None = None, preset: str | None = None, **overrides) -> StudyConfig:
@@ -60,10 +70,7 @@ class StudyConfig:
         if preset:
             values.update(load_preset(preset))
         if path:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"study config {path} does not exist")
-            values.update(yaml.safe_load(path.read_text()) or {})
+            values.update(read_config_file(path))
         if not values:
             values = load_preset("default")
         for key, value in overrides.items():
@@ -73,17 +80,7 @@ class StudyConfig:
                 values["train"] = {**values.get("train", {}), **value}
             else:
                 values[key] = value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown study config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(self.to_dict())), sort_keys=False))
+        return from_dict(cls, values, source=str(path) if path else None)
 
 
 def list_presets() -> list[str]:
@@ -96,5 +93,5 @@ def list_presets() -> list[str]:
 def load_preset(name: str) -> dict:
     path = resources.files("vitlens") / "configs" / f"study_{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown study preset {name!r}; available: {', '.join(list_presets())}")
+        raise ConfigError(f"unknown study preset {name!r}; available: {', '.join(list_presets())}")
     return yaml.safe_load(path.read_text()) or {}

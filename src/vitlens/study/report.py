@@ -26,12 +26,15 @@ import html
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import NamedTuple
 
 import numpy as np
 
 from ..analysis import plots
+from ..errors import DataError, MissingFileError
 from . import figures
 from .figures import fmt_fraction
 
@@ -61,19 +64,19 @@ def load_results(study_dir: str | Path) -> dict:
     """Read and sanity-check ``STUDY_DIR/results.json``."""
     path = Path(study_dir) / "results.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; `vitlens study` writes it when the study has run "
+        raise MissingFileError(f"{path} not found; `vitlens study` writes it when the study has run "
                                 f"(is {study_dir} a study directory?)")
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rerun `vitlens study` to rewrite it") from None
+        raise DataError(f"{path} is not valid JSON ({e}); rerun `vitlens study` to rewrite it") from None
     runs = results.get("runs")
     if not runs:
-        raise ValueError(f"{path} has no 'runs'; the report needs at least one trained run")
+        raise DataError(f"{path} has no 'runs'; the report needs at least one trained run")
     for i, run in enumerate(runs):
         missing = [k for k in ("label", "fraction", "seed", "test_top1") if k not in run]
         if missing:
-            raise ValueError(f"{path}: runs[{i}] lacks {missing}; "
+            raise DataError(f"{path}: runs[{i}] lacks {missing}; "
                              "was results.json written by `vitlens study`?")
     return results
 
@@ -83,7 +86,12 @@ def _labels(runs: list[dict]) -> list[str]:
 
 
 def vit_labels(results: dict) -> list[str]:
-    """Labels of Vision Transformers: model name 'vit*'/'deit*', or present in the attention results."""
+    """Labels of Vision Transformers: those the study recorded as ViTs (``vit_labels``, decided by
+    :func:`vitlens.analysis.common.is_vit` on the trained models). A results.json without that list
+    (written before it existed, or by hand): model name 'vit*'/'deit*', or present in the attention results.
+    """
+    if "vit_labels" in results:
+        return [label for label in _labels(results["runs"]) if label in results["vit_labels"]]
     att = results.get("attention_distance") or {}
     named_vit = {r["label"] for r in results["runs"]
                  if str(r.get("model", "")).lower().startswith(("vit", "deit"))}
@@ -400,162 +408,337 @@ def _intro(results: dict, study_dir: Path) -> str:
             f"<pre>{e(json.dumps(cfg, indent=2))}</pre></details>")
 
 
+# ----------------------------------------------------------------------------- the sections
+@dataclass
+class _Page:
+    """What every section reads: the results, where figures go, which labels are ViTs, their colours."""
+
+    results: dict
+    fig_dir: Path
+    vits: list[str]
+    colors: dict[str, str]
+
+    @property
+    def runs(self) -> list[dict]:
+        return self.results["runs"]
+
+
+class _Part(NamedTuple):
+    body: str  # figures and tables (HTML)
+    finding: str | None = None  # this study's one sentence (text)
+    note: str = ""  # appended to the claim (text): what the models and images were
+
+
+def _data_hunger_part(page: _Page) -> _Part:
+    dh = data_hunger_rows(page.runs)
+    if not dh:
+        return _Part(_missing("test accuracy (no run in results.json has a test_top1)"))
+    _write_csv(page.fig_dir / "data_hunger.csv", dh)
+    seeds = max(r["seeds"] for r in dh)
+    spread = f"mean ± std over {seeds} seeds" if seeds >= 2 else "one seed, so no error bars"
+    png = figures.plot_data_hunger(dh, page.fig_dir / "data_hunger.png", page.colors)
+    return _Part(_figure(png, "Test top-1 vs training images (log scale); " + spread),
+                 data_hunger_finding(dh, page.vits))
+
+
+def _cka_heatmaps(page: _Page, cka: dict, summary: dict) -> str:
+    fig_dir = page.fig_dir
+    if cka.get("within"):
+        body = _figure_row([
+            (plots.plot_cka_heatmap(v["matrix"], v["names"], v["names"],
+                                    fig_dir / f"cka_{_slug(label)}.png", f"CKA within {label}",
+                                    label_a=label, label_b=label), label)
+            for label, v in cka["within"].items()],
+            "Linear CKA between every pair of layers within each model (1 = same representation)")
+        body += _table(["model", "layers", "adjacent layers", "layers ≥ half the depth apart"],
+                       [[e(k), str(v["layers"]), _num(v["adjacent_mean"], ".3f"),
+                         _num(v["distant_mean"], ".3f")] for k, v in summary["within"].items()])
+    else:
+        body = _missing("CKA within each model")
+    if not cka.get("cross"):
+        return body + _missing("cross-model (ViT × CNN) CKA")
+    return body + _figure_row([
+        (plots.plot_cka_heatmap(c["matrix"], c["names_a"], c["names_b"],
+                                fig_dir / f"cka_{_slug(c['a'])}_x_{_slug(c['b'])}.png",
+                                f"CKA {c['a']} × {c['b']}", label_a=c["a"], label_b=c["b"]),
+         f"{c['a']} × {c['b']}") for c in cka["cross"]],
+        "Linear CKA between each ViT layer (rows) and each CNN layer (columns)")
+
+
+def _cka_part(page: _Page) -> _Part:
+    cka = page.results.get("cka") or {}
+    if not (cka.get("within") or cka.get("cross")):
+        return _Part(_missing("CKA (results.json has no 'cka')"))
+    summary = cka_summary(cka)
+    (page.fig_dir / "cka_summary.json").write_text(json.dumps(summary, indent=1))
+    where = (f" Models trained on {fmt_fraction(cka['fraction'])} of the data; CKA on "
+             f"{cka.get('images', '?')} test images." if cka.get("fraction") is not None else "")
+    return _Part(_cka_heatmaps(page, cka, summary), cka_finding(summary, page.vits), where)
+
+
+def _attention_part(page: _Page) -> _Part:
+    dist = attention_distances(page.results)
+    if not dist:
+        return _Part(_missing("attention distance (no ViT in results.json's 'attention_distance')"))
+    _write_csv(page.fig_dir / "attention_distance.csv",
+               [{"label": label, "fraction": float(f), "layer": i, "head": h, "distance_px": float(d)}
+                for label, per in dist.items() for f, arr in per.items()
+                for i, heads in enumerate(arr) for h, d in enumerate(heads)])
+    figs = []
+    for label, per in dist.items():
+        by_fraction = {f"{fmt_fraction(f)} of data": per[f] for f in sorted(per, key=float)}
+        png = plots.plot_attention_distance(by_fraction,
+                                            page.fig_dir / f"attention_distance_{_slug(label)}.png",
+                                            f"Mean attention distance per head, {label}")
+        figs.append((png, label))
+    caption = ("Mean attention distance of each head (pixels, over patch queries) vs layer; "
+               "colour = data fraction")
+    return _Part(_figure_row(figs, caption), attention_finding(dist))
+
+
+def _probes_part(page: _Page) -> _Part:
+    prows = probe_rows(page.results)
+    if not prows:
+        return _Part(_missing("localization probes (results.json has no 'probes')"))
+    _write_csv(page.fig_dir / "probes.csv", [{"label": k, **r} for k, rs in prows.items() for r in rs])
+    pf = (page.results.get("probes") or {}).get("fraction")
+    caption = "Linear-probe accuracy per layer at relative depth" + (
+        f", models trained on {fmt_fraction(pf)} of the data" if pf is not None else "")
+    png = figures.plot_probes(prows, page.fig_dir / "probes.png", page.colors)
+    return _Part(_figure(png, caption), probe_finding(prows, page.results, page.vits))
+
+
+def _run_row(r: dict) -> list[str]:
+    href = r.get("run_dir")
+    train_s = r.get("train_time_s")
+    return [e(r["label"]), f"<code>{e(str(r.get('model', '?')))}</code>", fmt_fraction(r["fraction"]),
+            str(r["seed"]), f"{r.get('train_images', 0):,}",
+            _num(r.get("params") and r["params"] / 1e6, ".2f"),
+            _num(r.get("flops_per_image") and r["flops_per_image"] / 1e9, ".3f"),
+            _num(train_s, ",.0f" if (train_s or 0) >= 10 else ".1f"), _num(r.get("img_per_s"), ",.0f"),
+            _num(r.get("test_top1"), ".2f"), f'<a href="{e(href)}">{e(href)}</a>' if href else "–"]
+
+
+def _runs_part(page: _Page) -> _Part:
+    runs = page.runs
+    _write_csv(page.fig_dir / "runs.csv", runs)
+    order = _labels(runs)
+    rows = [_run_row(r)
+            for r in sorted(runs, key=lambda r: (order.index(r["label"]), r["fraction"], r["seed"]))]
+    return _Part(_table(["label", "model", "fraction", "seed", "train images", "params (M)", "GFLOPs/img",
+                         "train time (s)", "img/s", "test top-1 (%)", "run directory"], rows, text_cols=2))
+
+
+def _tokenizers_part(page: _Page) -> _Part | None:
+    toks = page.results.get("tokenizers") or []
+    if not toks:
+        return None  # optional: no section at all
+    _write_csv(page.fig_dir / "tokenizers.csv", toks)
+    rows = [[e(t["tokenizer"]), _num(t.get("test_top1"), ".2f"), str(t.get("tokens_per_image", "–")),
+             _num(t.get("flops_per_image") and t["flops_per_image"] / 1e9, ".3f"),
+             _num(t.get("img_per_s"), ",.0f"), _num(t.get("params") and t["params"] / 1e6, ".2f"),
+             f'<a href="{e(t["run_dir"])}">{e(t["run_dir"])}</a>' if t.get("run_dir") else "–"]
+            for t in toks]
+    return _Part(_table(["tokenizer", "test top-1 (%)", "tokens/img", "GFLOPs/img", "img/s", "params (M)",
+                         "run directory"], rows))
+
+
+# (title, the literature's claim (HTML) or None, intro when there is no claim, the part)
+SECTIONS = [
+    ("1. Data hunger: how much data does a ViT need?",
+     f"ViTs lack the convolution's built-in locality and translation equivariance, so they "
+     f"\"do not generalize well when trained on insufficient amounts of data\" and trail ResNets on "
+     f"mid-sized datasets, overtaking them only with large-scale pre-training ({CITE_VIT}).", "",
+     _data_hunger_part),
+    ("2. Representation structure: uniform or stage-wise?",
+     f"Comparing layers with linear CKA ({CITE_CKA}), ViTs have strikingly uniform representations: "
+     f"lower and higher layers are more similar to each other than in a ResNet, whose representations "
+     f"change in stages with depth; and ViT lower layers resemble ResNet lower layers only partly "
+     f"({CITE_RAGHU}).", "", _cka_part),
+    ("3. Local vs global attention",
+     f"Some ViT heads attend globally already in the lowest layers while others stay local, a "
+     f"convolution-like behaviour learned from data ({CITE_VIT}); with less training data the lower "
+     f"layers do not learn to attend locally ({CITE_RAGHU}).", "", _attention_part),
+    ("4. [CLS] token vs global average pooling",
+     f"ViTs preserve spatial information: a ViT classifying from the [CLS] token keeps each last-layer "
+     f"patch token tied to its own location, while one trained with global average pooling localizes "
+     f"less clearly, though each of its tokens carries more class information ({CITE_RAGHU}, Section 5).",
+     "", _probes_part),
+    ("5. All runs", None,
+     "Every run used the same recipe. Links open each run's directory (config, metrics, "
+     "checkpoints); the table is also in <code>figures/runs.csv</code>.", _runs_part),
+    ("6. Image tokenizers", None,
+     "The same ViT recipe with different ways of turning an image into tokens (patches, pixels, "
+     "vector-quantised codes, a CNN stem), at the largest data fraction.", _tokenizers_part),
+]
+
+
+# ----------------------------------------------------------------------------- the pretrained study
+def pretraining_scale(model: str) -> str | None:
+    """'large' for weights pretrained beyond ImageNet-1k (a 21k/22k/12k tag), '1k' for ImageNet-1k only."""
+    name = model.lower()
+    if any(t in name for t in ("21k", "22k", "12k", "jft", "laion", "clip")):
+        return "large"
+    return "1k" if "in1k" in name or "imagenet1k" in name else None
+
+
+def top1_finding(runs: list[dict], vits: list[str]) -> str:
+    """One sentence: each model's top-1, and the large-data ViT vs the ImageNet-1k-only ViT."""
+    measured = [r for r in runs if r.get("test_top1") is not None]
+    if not measured:
+        return ("The images are not in ImageNet-1k class folders (wnid names such as n01440764), so top-1 "
+                "is not measured; the analyses below need no labels beyond the folders.")
+    listed = _join([f"{r['test_top1']:.1f}% for {r['label']}" for r in measured])
+    head = f"On {measured[0].get('eval_images', '?'):,} images, top-1 is {listed}"
+    large = [r for r in measured if r["label"] in vits and pretraining_scale(str(r.get("model"))) == "large"]
+    small = [r for r in measured if r["label"] in vits and pretraining_scale(str(r.get("model"))) == "1k"]
+    if not large or not small:
+        return f"{head}; no ViT pair pretrained on more vs only ImageNet-1k data was evaluated."
+    d = large[0]["test_top1"] - small[0]["test_top1"]
+    verdict = (f"the ViT pretrained on more data leads the ImageNet-1k-only ViT by {d:.1f} points, as "
+               f"{CITE_VIT} report" if d > GAP_TOL else
+               f"the ViT pretrained on more data does not lead the ImageNet-1k-only ViT "
+               f"({d:+.1f} points), unlike {CITE_VIT}")
+    return f"{head} — {verdict}."
+
+
+def pretrained_attention_finding(dist: dict[str, np.ndarray], large: str, small: str) -> str:
+    """Lower-third heads of the large-data ViT vs the ImageNet-1k-only ViT (Raghu et al. Figure 5)."""
+    low = {k: dist[k][: max(1, math.ceil(dist[k].shape[0] / 3))].ravel() for k in (large, small)}
+    lo_min, sm_min = low[large].min(), low[small].min()
+    med = f"median head {np.median(low[large]):.1f} vs {np.median(low[small]):.1f} px"
+    head = (f"In the first third of the layers the most local head attends over {lo_min:.1f} px in {large} "
+            f"and {sm_min:.1f} px in {small} ({med})")
+    if sm_min > (1 + LOCAL_TOL) * lo_min:
+        verdict = f"with less pretraining data the lower layers are less local, as {CITE_RAGHU} found"
+    elif sm_min < (1 - LOCAL_TOL) * lo_min:
+        verdict = f"the ImageNet-1k-only ViT's lower layers are the more local ones, unlike {CITE_RAGHU}"
+    else:
+        verdict = "both ViTs' lower layers are about as local"
+    return f"{head} — {verdict}."
+
+
+def _pretrained_models_part(page: _Page) -> _Part:
+    runs = page.runs
+    _write_csv(page.fig_dir / "runs.csv", runs)
+    rows = []
+    for r in runs:
+        pre = r.get("preprocess") or {}
+        prep = (f"resize {pre.get('resize')}, crop {pre.get('crop')}, {pre.get('interpolation')}, "
+                f"mean {', '.join(f'{v:.3g}' for v in pre.get('mean', []))}") if pre else "–"
+        rows.append([e(r["label"]), f"<code>{e(str(r.get('pretrained') or r.get('model')))}</code>", e(prep),
+                     _num(r.get("params") and r["params"] / 1e6, ".1f"), _num(r.get("img_per_s"), ",.1f"),
+                     _num(r.get("test_top1"), ".2f")])
+    table = _table(["label", "pretrained weights", "preprocessing (the model's own)", "params (M)",
+                    "analysis img/s", "top-1 (%)"], rows, text_cols=3)
+    return _Part(table, top1_finding(runs, page.vits))
+
+
+def _pretrained_cka_part(page: _Page) -> _Part:
+    part = _cka_part(page)
+    images = (page.results.get("cka") or {}).get("images")
+    return part._replace(note=f" Here: the pretrained models, CKA on {images} images." if images else "")
+
+
+def _pretrained_attention_part(page: _Page) -> _Part:
+    dist = {label: next(iter(per.values())) for label, per in attention_distances(page.results).items()}
+    if not dist:
+        return _Part(_missing("attention distance (no ViT in results.json's 'attention_distance')"))
+    _write_csv(page.fig_dir / "attention_distance.csv",
+               [{"label": label, "layer": i, "head": h, "distance_px": float(d)}
+                for label, arr in dist.items() for i, heads in enumerate(arr) for h, d in enumerate(heads)])
+    model = {r["label"]: str(r.get("model")) for r in page.runs}
+    large = next((k for k in dist if pretraining_scale(model.get(k, "")) == "large"), None)
+    small = next((k for k in dist if pretraining_scale(model.get(k, "")) == "1k"), None)
+    pair = [k for k in (large, small) if k] or list(dist)
+    png = plots.plot_attention_distance({k: dist[k] for k in pair},
+                                        page.fig_dir / "attention_distance_pretraining.png",
+                                        "Mean attention distance per head: " + " vs ".join(pair))
+    body = _figure(png, "Mean attention distance of each head (pixels, over patch queries) vs layer, "
+                   "the ViTs pretrained on more and on less data side by side")
+    others = [k for k in dist if k not in pair]
+    if others:
+        body += _figure_row([(plots.plot_attention_distance(
+            {k: dist[k]}, page.fig_dir / f"attention_distance_{_slug(k)}.png",
+            f"Mean attention distance per head, {k}"), k) for k in others], "The other ViTs")
+    n = (page.results.get("attention_distance") or {}).get("images")
+    finding = (pretrained_attention_finding(dist, large, small) if large and small else
+               "No ViT pair pretrained on more vs only ImageNet-1k data was analysed, so the effect of "
+               "pretraining data on local attention is not measured.")
+    return _Part(body, finding, f" Here: {n} images." if n else "")
+
+
+PRETRAINED_SECTIONS = [
+    ("1. The pretrained models and their ImageNet top-1",
+     f"Pre-trained on ImageNet-21k, ViT-B/16 matches or beats ResNets on ImageNet; trained on ImageNet-1k "
+     f"alone it trails them ({CITE_VIT}).", "", _pretrained_models_part),
+    SECTIONS[1][:3] + (_pretrained_cka_part,),
+    ("3. Local vs global attention, and how much pretraining data",
+     f"With less pretraining data (ImageNet-1k only) the lower layers of ViT-B/16 learn fewer local "
+     f"heads than with ImageNet-21k/JFT pretraining ({CITE_RAGHU}, Figure 5).", "",
+     _pretrained_attention_part),
+    SECTIONS[3],
+]
+
+
+def _intro_pretrained(results: dict, study_dir: Path) -> str:
+    ds, cfg = results.get("dataset") or {}, results.get("config") or {}
+    wall = (f" The whole study took {results['elapsed_s'] / 60:.1f} min." if results.get("elapsed_s") else "")
+    labelled = ("ImageNet-1k class folders, so top-1 is measured" if ds.get("imagenet_labelled")
+                else "not ImageNet-1k class folders, so top-1 is not measured")
+    cfg_file = study_dir / "study_config.yaml"
+    return (f"<h1>{e(results.get('title') or 'vitlens study')}</h1>"
+            f"<p class=\"meta\">Study directory <code>{e(str(study_dir))}</code> · created "
+            f"{e(str(results.get('created', 'unknown')))}</p>"
+            "<p>This report compares <b>pretrained</b> Vision Transformers (ViTs) with a pretrained "
+            "ResNet as "
+            f"{CITE_RAGHU} did: no training, each model loaded from its hub's cache and fed the same images "
+            "through its own preprocessing. Every number below is measured in this study; the literature's "
+            f"claims are stated beside them for comparison.{e(wall)}</p>"
+            f"<p><b>Images.</b> {ds.get('images', 0):,} of the {ds.get('images_available', 0):,} images of "
+            f"<code>{e(str(ds.get('name', '?')))}</code> (a seeded random subset, the same for every model), "
+            f"{ds.get('num_classes', '?')} classes: {e(labelled)}.</p>"
+            f"<p><b>Reproduce.</b> <code>vitlens study --config {e(str(cfg_file))}</code> reuses the cached "
+            f"statistics under <code>analysis/</code>; <code>vitlens report {e(str(study_dir))}</code> only "
+            "rebuilds this page.</p>"
+            "<details><summary>Resolved study configuration</summary>"
+            f"<pre>{e(json.dumps(cfg, indent=2))}</pre></details>")
+
+
+def _references() -> str:
+    refs = "".join(f"<li><b>{e(k)}</b>. {e(v)}</li>" for k, v in REFERENCES)
+    return f"<section><h2>References</h2><ul>{refs}</ul></section>"
+
+
 # ----------------------------------------------------------------------------- the report
+def _fresh_figure_dir(study_dir: Path) -> Path:
+    """``STUDY_DIR/figures`` without the files of an earlier build (its parts may be gone now)."""
+    fig_dir = study_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in OUTPUT_FILES:
+        for old in fig_dir.glob(pattern):
+            old.unlink()
+    return fig_dir
+
+
 def build_report(study_dir: str | Path) -> Path:
     """Write ``STUDY_DIR/report.html`` and ``STUDY_DIR/figures/``; return the report's path."""
     study_dir = Path(study_dir)
     results = load_results(study_dir)
-    fig_dir = study_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for pattern in OUTPUT_FILES:  # a rebuild must not leave figures of parts that are gone
-        for old in fig_dir.glob(pattern):
-            old.unlink()
-    runs = results["runs"]
-    vits = vit_labels(results)
-    colors = figures.label_colors(_labels(runs))
+    page = _Page(results, _fresh_figure_dir(study_dir), vit_labels(results),
+                 figures.label_colors(_labels(results["runs"])))
+    pretrained = results.get("mode") == "pretrained"
     sections = []
-
-    # 1. data hunger
-    dh = data_hunger_rows(runs)
-    if dh:
-        _write_csv(fig_dir / "data_hunger.csv", dh)
-        seeds = max(r["seeds"] for r in dh)
-        body = _figure(figures.plot_data_hunger(dh, fig_dir / "data_hunger.png", colors),
-                       "Test top-1 vs training images (log scale); " + (
-                           f"mean ± std over {seeds} seeds" if seeds >= 2 else "one seed, so no error bars"))
-        finding = data_hunger_finding(dh, vits)
-    else:
-        body, finding = _missing("test accuracy (no run in results.json has a test_top1)"), None
-    sections.append(_section(
-        "1. Data hunger: how much data does a ViT need?",
-        f"ViTs lack the convolution's built-in locality and translation equivariance, so they "
-        f"\"do not generalize well when trained on insufficient amounts of data\" and trail ResNets on "
-        f"mid-sized datasets, overtaking them only with large-scale pre-training ({CITE_VIT}).",
-        body, finding))
-
-    # 2. representation structure
-    cka = results.get("cka") or {}
-    if cka.get("within") or cka.get("cross"):
-        summary = cka_summary(cka)
-        (fig_dir / "cka_summary.json").write_text(json.dumps(summary, indent=1))
-        body = ""
-        if cka.get("within"):
-            body += _figure_row([
-                (plots.plot_cka_heatmap(v["matrix"], v["names"], v["names"],
-                                        fig_dir / f"cka_{_slug(label)}.png", f"CKA within {label}",
-                                        label_a=label, label_b=label), label)
-                for label, v in cka["within"].items()],
-                "Linear CKA between every pair of layers within each model (1 = same representation)")
-            body += _table(["model", "layers", "adjacent layers", "layers ≥ half the depth apart"],
-                           [[e(k), str(v["layers"]), _num(v["adjacent_mean"], ".3f"),
-                             _num(v["distant_mean"], ".3f")] for k, v in summary["within"].items()])
-        else:
-            body += _missing("CKA within each model")
-        if cka.get("cross"):
-            body += _figure_row([
-                (plots.plot_cka_heatmap(c["matrix"], c["names_a"], c["names_b"],
-                                        fig_dir / f"cka_{_slug(c['a'])}_x_{_slug(c['b'])}.png",
-                                        f"CKA {c['a']} × {c['b']}", label_a=c["a"], label_b=c["b"]),
-                 f"{c['a']} × {c['b']}") for c in cka["cross"]],
-                "Linear CKA between each ViT layer (rows) and each CNN layer (columns)")
-        else:
-            body += _missing("cross-model (ViT × CNN) CKA")
-        where = (f" Models trained on {fmt_fraction(cka['fraction'])} of the data; CKA on "
-                 f"{cka.get('images', '?')} test images." if cka.get("fraction") is not None else "")
-        finding = cka_finding(summary, vits)
-    else:
-        body, where, finding = _missing("CKA (results.json has no 'cka')"), "", None
-    sections.append(_section(
-        "2. Representation structure: uniform or stage-wise?",
-        f"Comparing layers with linear CKA ({CITE_CKA}), ViTs have strikingly uniform representations: "
-        f"lower and higher layers are more similar to each other than in a ResNet, whose representations "
-        f"change in stages with depth; and ViT lower layers resemble ResNet lower layers only partly "
-        f"({CITE_RAGHU}).{e(where)}", body, finding))
-
-    # 3. local vs global attention
-    dist = attention_distances(results)
-    if dist:
-        _write_csv(fig_dir / "attention_distance.csv",
-                   [{"label": label, "fraction": float(f), "layer": i, "head": h, "distance_px": float(d)}
-                    for label, per in dist.items() for f, arr in per.items()
-                    for i, heads in enumerate(arr) for h, d in enumerate(heads)])
-        figs = []
-        for label, per in dist.items():
-            runs_by_fraction = {f"{fmt_fraction(f)} of data": per[f] for f in sorted(per, key=float)}
-            figs.append((plots.plot_attention_distance(runs_by_fraction,
-                                                       fig_dir / f"attention_distance_{_slug(label)}.png",
-                                                       f"Mean attention distance per head, {label}"), label))
-        body = _figure_row(figs, "Mean attention distance of each head (pixels, over patch queries) vs "
-                                 "layer; colour = data fraction")
-        finding = attention_finding(dist)
-    else:
-        body, finding = _missing("attention distance (no ViT in results.json's 'attention_distance')"), None
-    sections.append(_section(
-        "3. Local vs global attention",
-        f"Some ViT heads attend globally already in the lowest layers while others stay local, a "
-        f"convolution-like behaviour learned from data ({CITE_VIT}); with less training data the lower "
-        f"layers do not learn to attend locally ({CITE_RAGHU}).", body, finding))
-
-    # 4. [CLS] vs pooling
-    prows = probe_rows(results)
-    if prows:
-        _write_csv(fig_dir / "probes.csv", [{"label": k, **r} for k, rs in prows.items() for r in rs])
-        pf = (results.get("probes") or {}).get("fraction")
-        body = _figure(figures.plot_probes(prows, fig_dir / "probes.png", colors),
-                       "Linear-probe accuracy per layer at relative depth"
-                       + (f", models trained on {fmt_fraction(pf)} of the data" if pf is not None else ""))
-        finding = probe_finding(prows, results, vits)
-    else:
-        body, finding = _missing("localization probes (results.json has no 'probes')"), None
-    sections.append(_section(
-        "4. [CLS] token vs global average pooling",
-        f"ViTs preserve spatial information: a ViT classifying from the [CLS] token keeps each last-layer "
-        f"patch token tied to its own location, while one trained with global average pooling localizes "
-        f"less clearly, though each of its tokens carries more class information ({CITE_RAGHU}, Section 5).",
-        body, finding))
-
-    # 5. runs table
-    _write_csv(fig_dir / "runs.csv", runs)
-    rows = []
-    for r in sorted(runs, key=lambda r: (_labels(runs).index(r["label"]), r["fraction"], r["seed"])):
-        href = r.get("run_dir")
-        link = f'<a href="{e(href)}">{e(href)}</a>' if href else "–"
-        rows.append([e(r["label"]), f"<code>{e(str(r.get('model', '?')))}</code>",
-                     fmt_fraction(r["fraction"]), str(r["seed"]), f"{r.get('train_images', 0):,}",
-                     _num(r.get("params") and r["params"] / 1e6, ".2f"),
-                     _num(r.get("flops_per_image") and r["flops_per_image"] / 1e9, ".3f"),
-                     _num(r.get("train_time_s"), ",.0f" if (r.get("train_time_s") or 0) >= 10 else ".1f"),
-                     _num(r.get("img_per_s"), ",.0f"),
-                     _num(r.get("test_top1"), ".2f"), link])
-    sections.append(_section(
-        "5. All runs", None,
-        _table(["label", "model", "fraction", "seed", "train images", "params (M)", "GFLOPs/img",
-                "train time (s)", "img/s", "test top-1 (%)", "run directory"], rows, text_cols=2), None,
-        intro="Every run used the same recipe. Links open each run's directory (config, metrics, "
-              "checkpoints); the table is also in <code>figures/runs.csv</code>."))
-
-    # 6. tokenizers (optional)
-    toks = results.get("tokenizers") or []
-    if toks:
-        _write_csv(fig_dir / "tokenizers.csv", toks)
-        trows = [[e(t["tokenizer"]), _num(t.get("test_top1"), ".2f"), str(t.get("tokens_per_image", "–")),
-                  _num(t.get("flops_per_image") and t["flops_per_image"] / 1e9, ".3f"),
-                  _num(t.get("img_per_s"), ",.0f"), _num(t.get("params") and t["params"] / 1e6, ".2f"),
-                  f'<a href="{e(t["run_dir"])}">{e(t["run_dir"])}</a>' if t.get("run_dir") else "–"]
-                 for t in toks]
-        sections.append(_section(
-            "6. Image tokenizers", None,
-            _table(["tokenizer", "test top-1 (%)", "tokens/img", "GFLOPs/img", "img/s", "params (M)",
-                    "run directory"], trows), None,
-            intro="The same ViT recipe with different ways of turning an image into tokens (patches, pixels, "
-            "vector-quantised codes, a CNN stem), at the largest data fraction."))
-
-    refs = "".join(f"<li><b>{e(k)}</b>. {e(v)}</li>" for k, v in REFERENCES)
-    sections.append(f"<section><h2>References</h2><ul>{refs}</ul></section>")
-    body = _intro(results, study_dir) + "".join(sections)
+    for title, claim, intro, make_part in PRETRAINED_SECTIONS if pretrained else SECTIONS:
+        part = make_part(page)
+        if part is not None:
+            full_claim = None if claim is None else claim + e(part.note)
+            sections.append(_section(title, full_claim, part.body, part.finding, intro=intro))
+    intro = (_intro_pretrained if pretrained else _intro)(results, study_dir)
+    body = intro + "".join(sections) + _references()
     template = Template(TEMPLATE.read_text(encoding="utf-8"))
-    page = template.substitute(title=e(results.get("title") or "vitlens study"), body=body,
-                               generated=e(_dt.datetime.now().isoformat(timespec="seconds")))
+    page_html = template.substitute(title=e(results.get("title") or "vitlens study"), body=body,
+                                    generated=e(_dt.datetime.now().isoformat(timespec="seconds")))
     out = study_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
+    out.write_text(page_html, encoding="utf-8")
     return out

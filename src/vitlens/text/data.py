@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError, DataError, MissingFileError
+
 # ------------------------------------------------------------------------------- characters
 BERT_SPECIALS = ("[PAD]", "[MASK]", "[CLS]", "[SEP]")  # [PAD] first: pad_id = 0
 
@@ -43,13 +45,13 @@ class CharTokenizer:
 
     def token_id(self, token: str) -> int:
         if token not in self.stoi:
-            raise ValueError(f"{token!r} is not in this vocabulary (specials: {self.specials})")
+            raise DataError(f"{token!r} is not in this vocabulary (specials: {self.specials})")
         return self.stoi[token]
 
     def encode(self, text: str) -> list[int]:
         unknown = sorted(set(text) - set(self.chars))
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"characters {unknown} are not in the model's vocabulary of {len(self.chars)} "
                 "characters; remove them from the prompt"
             )
@@ -73,12 +75,12 @@ class CharTokenizer:
 def resolve_text_file(path: str | Path | None) -> Path:
     """A text file, or a directory holding ``input.txt`` (the Tiny Shakespeare layout)."""
     if path is None:
-        raise ValueError("no text given; pass --data PATH (e.g. ../shared/data/tinyshakespeare/input.txt)")
+        raise ConfigError("no text given; pass --data PATH (e.g. ../shared/data/tinyshakespeare/input.txt)")
     path = Path(path)
     if path.is_dir():
         path = path / "input.txt"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"text file {path} does not exist (expected a .txt file or a folder with input.txt)"
         )
     return path
@@ -110,7 +112,7 @@ def random_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPT batches: ``batch_size`` random windows -> inputs (B, T) and next-token targets (B, T)."""
     if len(data) <= block_size:
-        raise ValueError(f"text of {len(data)} tokens is too short for windows of {block_size} + 1")
+        raise DataError(f"text of {len(data)} tokens is too short for windows of {block_size} + 1")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     offsets = torch.arange(block_size + 1)
     chunk = data[starts[:, None] + offsets]  # (B, T + 1)
@@ -159,7 +161,7 @@ def load_subword_tokenizer(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        raise MissingFileError(f"tokenizer file {path} does not exist")
     return Tokenizer.from_file(str(path))
 
 
@@ -167,7 +169,7 @@ def read_lines(path: str | Path) -> list[str]:
     """Lines of a text file (gzip if it ends in .gz), without their newline."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
@@ -182,21 +184,21 @@ def load_parallel(
 ) -> tuple[list[str], list[str]]:
     """Aligned sentences of ``{split}.{lang}[.gz]`` in ``data_dir`` (the Multi30k layout)."""
     if data_dir is None:
-        raise ValueError("no data directory; pass --data-dir (e.g. ../shared/data/multi30k)")
+        raise ConfigError("no data directory; pass --data-dir (e.g. ../shared/data/multi30k)")
     data_dir = Path(data_dir)
 
     def find(lang):
         for name in (f"{split}.{lang}.gz", f"{split}.{lang}"):
             if (data_dir / name).is_file():
                 return data_dir / name
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{data_dir} has no {split}.{lang}(.gz); expected the Multi30k layout "
             "train/val/test_2016_flickr.{de,en}.gz"
         )
 
     src, tgt = read_lines(find(src_lang)), read_lines(find(tgt_lang))
     if len(src) != len(tgt):
-        raise ValueError(
+        raise DataError(
             f"{split}: {len(src)} {src_lang} lines but {len(tgt)} {tgt_lang} lines; files must align"
         )
     return (src[:limit], tgt[:limit]) if limit else (src, tgt)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ConfigError, DataError
 from .data import BOS, EOS, PAD, pad_batch
 
 
@@ -67,7 +68,7 @@ def beam_search(
 ) -> torch.Tensor:
     """Source ids (B, S) -> the best hypothesis per sentence (B, T), same layout as ``greedy_decode``."""
     if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        raise ConfigError(f"beam_size must be >= 1, got {beam_size}")
     B, K, dev = src.shape[0], beam_size, src.device
     src_mask = model.padding_mask(src)
     memory = model.encode(src, src_mask)
@@ -154,5 +155,5 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     import sacrebleu
 
     if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+        raise DataError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, MissingFileError, ModelError
 from ..models.gpt import GPT
 from ..models.loading import load_run_model
 from ..models.seq2seq import Seq2SeqTransformer
@@ -21,7 +22,7 @@ def load_lm(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     """(model in eval mode, tokenizer, meta) of a ``vitlens lm train`` run directory."""
     run_dir = Path(run_dir)
     if not (run_dir / "chars.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no chars.json; is it a `vitlens lm train` run directory?")
+        raise MissingFileError(f"{run_dir} has no chars.json; is it a `vitlens lm train` run directory?")
     model, meta = load_run_model(run_dir)
     return model.to(device), CharTokenizer.load(run_dir / "chars.json"), meta
 
@@ -40,9 +41,9 @@ def sample(
     """Continue ``prompt`` with a trained GPT run; returns prompt + continuation."""
     model, tok, meta = load_lm(run_dir, device)
     if not isinstance(model, GPT):
-        raise ValueError(f"{run_dir} holds a {meta.get('model')} (a masked LM); sampling needs a GPT run")
+        raise ModelError(f"{run_dir} holds a {meta.get('model')} (a masked LM); sampling needs a GPT run")
     if not prompt:
-        raise ValueError("the prompt is empty; give at least one character (e.g. --prompt $'\\n')")
+        raise ConfigError("the prompt is empty; give at least one character (e.g. --prompt $'\\n')")
     idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(
@@ -55,10 +56,10 @@ def load_translator(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, subword tokenizer, meta) of a ``vitlens translate train`` run directory."""
     run_dir = Path(run_dir)
     if not (run_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{run_dir} has no tokenizer.json; is it a `vitlens translate train` run directory?"
         )
     model, meta = load_run_model(run_dir)
     if not isinstance(model, Seq2SeqTransformer):
-        raise ValueError(f"{run_dir} holds a {meta.get('model')}, not a translation model")
+        raise ModelError(f"{run_dir} holds a {meta.get('model')}, not a translation model")
     return model.to(device), load_subword_tokenizer(run_dir / "tokenizer.json"), meta

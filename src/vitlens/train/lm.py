@@ -1,4 +1,4 @@
-"""Character-level language models on a text file (Tiny Shakespeare): GPT or BERT.
+"""Character-level language models on a text file (Tiny Shakespeare): GPT or BERT, on the harness.
 
     config -> characters -> model -> AdamW + warmup/cosine -> [step: batch, loss, update;
     every eval_every steps: validation loss, metrics, checkpoint] -> summary
@@ -6,31 +6,45 @@
 The objective follows the model: a GPT predicts the next character at every position
 (causal LM); a BERT reconstructs the characters hidden by BERT's 15% / 80-10-10 corruption
 (masked LM), each window starting with [CLS] so the classification head has its token.
-Iteration-based like nanoGPT: batches are random windows, the step counter is the clock.
+Iteration-based like nanoGPT: batches are random windows drawn from ``run_seed(seed, step,
+rank)``, the step counter is the clock (and all a checkpoint needs to continue exactly).
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..config import Config
+from ..errors import ConfigError, DataError, ModelError
 from ..models import create_model
-from ..models.bert import Bert, mask_tokens
-from ..models.gpt import GPT
-from .schedule import warmup_cosine
-from . import text_run as R
+from ..models.bert import Bert, BertConfig, mask_tokens
+from ..models.gpt import GPTConfig
+from ..models.registry import model_config_class
 from ..text.data import BERT_SPECIALS, CharTokenizer, cls_windows, load_char_corpus, random_windows
+from ..utils import eval_mode
+from .distributed import all_reduce_sum
+from .harness import (
+    Run,
+    StepLoop,
+    count_params,
+    model_config,
+    param_groups,
+    run_seed,
+    run_steps,
+    share_of_batch,
+    split_batch,
+    start_run,
+    weighted,
+)
+from .schedule import warmup_cosine
 
 
 @dataclass
-class LMTrainConfig:
+class LMTrainConfig(Config):
     model: str = "gpt_char_baby"
     model_args: dict = field(default_factory=dict)  # overrides of the model config (dropout=0.0, ...)
     data: str | None = None  # a text file, or a folder with input.txt
@@ -58,6 +72,20 @@ class LMTrainConfig:
     max_chars: int | None = None  # use only the start of the text (tests)
     progress: bool = True
 
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "eval_every", "eval_iters"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if self.block_size is not None and self.block_size < 2:
+            raise ConfigError(f"--block-size must be at least 2, got {self.block_size}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 < self.mlm_prob < 1:
+            raise ConfigError(f"--mlm-prob must be in (0, 1), got {self.mlm_prob}")
+        if self.amp not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"--amp must be one of auto, bf16, fp16, fp32; got {self.amp!r}")
+
 
 class LMObjective(nn.Module):
     """Batch -> loss, so DDP wraps one module whatever the objective.
@@ -77,10 +105,18 @@ class LMObjective(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 
 
-def _batch(
-    data, tok: CharTokenizer, model, cfg: LMTrainConfig, T: int, batch_size: int, g: torch.Generator
+def language_model_config(name: str, model_args: dict) -> GPTConfig | BertConfig:
+    """The config a GPT or BERT ``name`` would be built with (no model is built to learn it)."""
+    if model_config_class(name) not in (GPTConfig, BertConfig):
+        raise ModelError(f"{name} is not a language model; `vitlens lm train` takes gpt_* or bert_* models")
+    return model_config(name, model_args)
+
+
+def lm_batch(
+    data, tok: CharTokenizer, masked: bool, mlm_prob: float, T: int, batch_size: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(model, Bert):
+    """Random windows of ``data``: next-character targets, or BERT-corrupted windows behind [CLS]."""
+    if masked:
         ids = cls_windows(data, T, batch_size, tok.token_id("[CLS]"), g)
         special = ids == tok.token_id("[CLS]")
         return mask_tokens(
@@ -88,7 +124,7 @@ def _batch(
             vocab_size=tok.vocab_size,
             mask_id=tok.token_id("[MASK]"),
             special_mask=special,
-            mlm_prob=cfg.mlm_prob,
+            mlm_prob=mlm_prob,
             random_low=len(tok.specials),
             generator=g,
         )
@@ -96,60 +132,64 @@ def _batch(
 
 
 @torch.no_grad()
-def evaluate_lm(
-    objective: LMObjective, data, tok, cfg: LMTrainConfig, T: int, run: R.Run, iters: int, batch_size: int
-) -> float:
-    """Mean loss over ``iters`` fixed random validation batches (same seed every call)."""
-    was = objective.training
-    objective.eval()
-    g = torch.Generator().manual_seed(1234 + run.dist.rank)
+def evaluate_lm(objective: LMObjective, data, tok, cfg: LMTrainConfig, T: int, run: Run) -> float:
+    """Mean loss over ``cfg.eval_iters`` fixed random validation batches (the same every call, and
+    the same whatever the number of processes: each takes its share of one global batch)."""
+    g = torch.Generator().manual_seed(1234)
     total = 0.0
-    for _ in range(iters):
-        x, y = _batch(data, tok, objective.model, cfg, T, batch_size, g)
-        with run.autocast():
-            total += objective(x.to(run.device), y.to(run.device)).item()
-    objective.train(was)
-    total, n = R.all_reduce_sum([total, float(iters)], run.dist, run.device)
+    with eval_mode(objective):
+        for _ in range(cfg.eval_iters):
+            x, y = lm_batch(data, tok, objective.masked, cfg.mlm_prob, T, cfg.batch_size, g)
+            x, y, weight = share_of_batch(run, (x, y), y != -100)
+            with run.autocast():
+                loss = objective(x.to(run.device), y.to(run.device))
+            total += weighted(loss, weight).item()
+    total, n = all_reduce_sum([total, float(cfg.eval_iters)], run.dist, run.device)
     return total / n
 
 
-def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
-    """Train ``cfg.model`` (a GPT or a BERT) on ``cfg.data``; returns the summary (also RUN/summary.json)."""
-    run = R.start_run(cfg, resume=resume)
-    dev, dinfo = run.device, run.dist
+def train_lm(cfg: LMTrainConfig, *, resume: bool = False, overrides: dict | None = None) -> dict:
+    """Train ``cfg.model`` (a GPT or a BERT) on ``cfg.data``; returns the summary (also RUN/summary.json).
+
+    ``resume``/``overrides``: as for :func:`vitlens.train.train` (``max_steps`` may change on purpose).
+    """
+    run = start_run(cfg, resume=resume, overrides=overrides, counter="step")
+    cfg, dev = run.cfg, run.device
 
     torch.manual_seed(cfg.seed)  # the initial weights
     # ---- data: characters; BERT gets [PAD] [MASK] [CLS] [SEP] in front of them
-    probe = create_model(cfg.model, **cfg.model_args)
-    if not isinstance(probe, (GPT, Bert)):
-        raise ValueError(
-            f"{cfg.model} is not a language model; `vitlens lm train` takes gpt_* or bert_* models"
-        )
-    masked = isinstance(probe, Bert)
+    model_cfg = language_model_config(cfg.model, cfg.model_args)
+    masked = isinstance(model_cfg, BertConfig)
     train_ids, val_ids, tok = load_char_corpus(
         cfg.data,
         val_fraction=cfg.val_fraction,
         specials=BERT_SPECIALS if masked else (),
         max_chars=cfg.max_chars,
     )
-    context = probe.cfg.max_len if masked else probe.cfg.block_size
+    context = model_cfg.max_len if masked else model_cfg.block_size
     T = cfg.block_size or context
     if T > context:
-        raise ValueError(f"block_size {T} exceeds the model's context {context}; lower --block-size")
-    if cfg.batch_size % dinfo.world_size:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {dinfo.world_size} processes")
-    local_bs = cfg.batch_size // dinfo.world_size
+        raise ConfigError(f"block_size {T} exceeds the model's context {context}; lower --block-size")
+    window = T - 1 if masked else T  # BERT windows hold [CLS] + T - 1 characters
+    for split, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) <= window:
+            raise DataError(
+                f"the {split} text has {len(ids)} characters, too few for windows of {window} + 1; "
+                "give more text (--max-chars) or a smaller --block-size"
+            )
+    split_batch(cfg.batch_size, run)  # a ConfigError unless every process gets the same share
 
     # ---- model, optimiser, schedule
     margs = {**cfg.model_args, "vocab_size": tok.vocab_size}
     model = create_model(cfg.model, **margs).to(dev)
     objective = LMObjective(model)
     optimizer = torch.optim.AdamW(
-        R.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2), fused=dev.type == "cuda"
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2), fused=dev.type == "cuda"
     )
     scheduler = warmup_cosine(
         optimizer, total_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, base_lr=cfg.lr, min_lr=cfg.min_lr
     )
+    scaler = run.grad_scaler()
     meta = {
         "model": cfg.model,
         "model_args": margs,
@@ -157,83 +197,40 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
         "tokenizer": "chars.json",
         "block_size": T,
     }
-    step, train_time = 0, 0.0
-    if resume and (run.dir / R.LAST).exists():
-        state = R.restore_state(run, model, optimizer, scheduler)
-        step, train_time = state["step"], state["train_time"]
-    if dinfo.is_main:
-        tok.save(run.dir / "chars.json")
-        (run.dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    state = run.restore(model, optimizer, scheduler, scaler)
+    run.open(meta, files={"chars.json": tok.save})
     step_fn = run.wrap(objective, find_unused=masked)  # BERT's pooler/head get no MLM gradient
     if cfg.compile:
         step_fn = torch.compile(step_fn)
 
     # ---- steps
-    n_params = R.count_params(model)
     g = torch.Generator()
-    bar = tqdm(
-        total=cfg.max_steps, initial=step, desc=cfg.model, disable=not (cfg.progress and dinfo.is_main)
-    )
-    record: dict = {}
-    tokens_seen, t0 = 0, time.perf_counter()
-    while step < cfg.max_steps:
-        seed = R.step_seed(cfg.seed, step, dinfo.rank)
-        torch.manual_seed(seed)  # dropout
-        x, y = _batch(train_ids, tok, model, cfg, T, local_bs, g.manual_seed(seed))
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with run.autocast():
-            loss = step_fn(x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step}; lower --lr or use --amp fp32"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        tokens_seen += x.numel() * dinfo.world_size
-        elapsed = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}",
-            tok_s=f"{tokens_seen / elapsed:.0f}",
-            lr=f"{scheduler.get_last_lr()[0]:.1e}",
-        )
 
-        # ---- evaluate + checkpoint every eval_every steps, at the end, and when time is up
-        out_of_time = run.out_of_time(cfg.time_budget_min)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
-            train_time += elapsed
-            tok_s = tokens_seen / max(elapsed, 1e-9)
-            val = evaluate_lm(objective, val_ids, tok, cfg, T, run, cfg.eval_iters, local_bs)
-            record = {
-                "step": step,
-                "lr": scheduler.get_last_lr()[0],
-                "train_loss": loss.item(),
-                "val_loss": val,
-                "tokens_per_s": tok_s,
-                "train_time_s": train_time,
-            }
-            run.log.write(record)
-            if cfg.progress and dinfo.is_main:
-                tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss {val:.4f}")
-            R.save_state(
-                run, model, optimizer, scheduler, meta=meta, step=step, extra={"train_time": train_time}
-            )
-            R.barrier(dinfo)
-            tokens_seen, t0 = 0, time.perf_counter()
-            if out_of_time and step < cfg.max_steps:
-                break
-    bar.close()
+    def next_batch(step: int):
+        # One global batch per step (drawn alike by every process), of which each takes its share.
+        g.manual_seed(run_seed(cfg.seed, step))
+        x, y = lm_batch(train_ids, tok, masked, cfg.mlm_prob, T, cfg.batch_size, g)
+        return share_of_batch(run, (x, y), y != -100)
+
+    def loss(batch):
+        x, y, weight = batch
+        return weighted(step_fn(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)), weight)
+
+    task = StepLoop(
+        next_batch=next_batch,
+        loss=loss,
+        tokens=lambda batch: batch[0].numel(),
+        evaluate=lambda: {"val_loss": evaluate_lm(objective, val_ids, tok, cfg, T, run)},
+    )
+    step, record, train_time = run_steps(
+        run, task, model, optimizer, scheduler, meta=meta, state=state, scaler=scaler
+    )
 
     summary = {
         "finished": step >= cfg.max_steps,
         "model": cfg.model,
         "task": meta["task"],
-        "params": n_params,
+        "params": count_params(model),
         "steps": step,
         "batch_size": cfg.batch_size,
         "block_size": T,
@@ -241,11 +238,7 @@ def train_lm(cfg: LMTrainConfig, *, resume: bool = False) -> dict:
         "val_loss": record.get("val_loss"),
         "train_loss": record.get("train_loss"),
         "device": str(dev),
-        "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32",
-        "world_size": dinfo.world_size,
+        "amp": run.amp_name,
+        "world_size": run.dist.world_size,
     }
-    if dinfo.is_main:
-        (run.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    run.log.close()
-    R.cleanup(dinfo)
-    return summary
+    return run.finish(summary)

@@ -10,7 +10,6 @@ epoch), ``summary.json`` and ``recon.png`` (test images over their reconstructio
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -18,14 +17,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..config import Config
+from ..errors import ConfigError, DataError, ResumeError
 from ..models.tokenizers.palette import assign_palette, fit_palette, save_palette
 from ..models.tokenizers.vqvae import VQVAE, VQVAEConfig, load_vqvae, save_vqvae
+from ..utils import eval_mode
+from .harness import Run, count_params, start_run, train_step
+from .run_folder import write_json
+from .schedule import warmup_cosine
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(Config):
     kind: str = "vq"  # 'vq' | 'palette'
     data: str = "cifar10"
     data_dir: str | None = None
@@ -60,9 +64,14 @@ class TokenizerTrainConfig:
 
     def __post_init__(self):
         if self.kind not in ("vq", "palette"):
-            raise ValueError(f"kind must be 'vq' or 'palette', got {self.kind!r}")
+            raise ConfigError(f"kind must be 'vq' or 'palette', got {self.kind!r}")
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        for name in ("epochs", "batch_size", "k", "palette_iters", "palette_sample", "codebook_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("lr must be positive, warmup_steps and weight_decay non-negative")
 
     def vq_config(self) -> VQVAEConfig:
         names = {f.name for f in fields(VQVAEConfig)}
@@ -92,17 +101,15 @@ def spread(images: torch.Tensor, n: int | None) -> torch.Tensor:
 def evaluate_vq(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> dict:
     """Reconstruction PSNR (dB; of the mean MSE, and the mean of per-image values), codebook usage and
     perplexity of the code distribution over ``images`` (uint8 (N, 3, H, W))."""
-    was_training = model.training
-    model.eval()
     K = model.cfg.codebook_size
     counts = torch.zeros(K)
     mse = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].float() / 255
-        recon, idx, _, _ = model(x)
-        mse.append((recon.clamp(0, 1) - x).pow(2).flatten(1).mean(1))
-        counts += torch.bincount(idx.flatten(), minlength=K).float()
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].float() / 255
+            recon, idx, _, _ = model(x)
+            mse.append((recon.clamp(0, 1) - x).pow(2).flatten(1).mean(1))
+            counts += torch.bincount(idx.flatten(), minlength=K).float()
     mse = torch.cat(mse)
     p = counts / counts.sum()
     return {
@@ -114,22 +121,32 @@ def evaluate_vq(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> di
     }
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> dict:
-    """Run ``cfg``; returns the summary also written to OUT/summary.json."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+def train_tokenizer(
+    cfg: TokenizerTrainConfig, *, resume: bool = False, overrides: dict | None = None
+) -> dict:
+    """Run ``cfg``; returns the summary also written to OUT/summary.json.
+
+    ``resume``: continue a VQ-VAE run from its last epoch (``overrides`` as for
+    :func:`vitlens.train.train`, e.g. ``{"epochs": 10}``).
+    """
+    if resume and cfg.kind == "palette":
+        raise ResumeError(
+            "a palette is fitted in one go; there is nothing to resume (run it again without --resume)"
+        )
+    run = start_run(cfg, resume=resume, overrides=overrides, counter="epoch", distributed=False)
+    cfg = run.cfg
     torch.manual_seed(cfg.seed)
     train = load_images(cfg.data, "train", cfg.data_dir, cfg.fraction, cfg.seed)
     test = load_images(cfg.data, "test", cfg.data_dir)
-    summary = (
-        _fit_palette(cfg, train, test, out) if cfg.kind == "palette" else _train_vq(cfg, train, test, out)
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = _fit_palette(run, train, test) if cfg.kind == "palette" else _train_vq(run, train, test)
+    # A VQ-VAE cut short by its time budget is still a usable tokenizer: its summary is written too.
+    write_json(run.dir / "summary.json", summary)
+    run.close()
     return summary
 
 
-def _fit_palette(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
+def _fit_palette(run: Run, train: torch.Tensor, test: torch.Tensor) -> dict:
+    cfg = run.cfg
     t0 = time.perf_counter()
     palette = fit_palette(train, k=cfg.k, seed=cfg.seed, iters=cfg.palette_iters, sample=cfg.palette_sample)
     # How faithful is "every pixel becomes its nearest palette colour"? (full resolution, test set)
@@ -146,70 +163,49 @@ def _fit_palette(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dic
         "train_images": len(train),
         "file": "palette.safetensors",
     }
-    save_palette(out / "palette.safetensors", palette, meta={"data": cfg.data, "psnr": summary["psnr"]})
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(summary) + "\n")
+    run.open()
+    save_palette(run.dir / "palette.safetensors", palette, meta={"data": cfg.data, "psnr": summary["psnr"]})
+    run.log.write(summary)
     return summary
 
 
-def _train_vq(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
+def _vq_model(cfg: TokenizerTrainConfig) -> VQVAE:
     model = VQVAE(cfg.vq_config())
     if cfg.init:  # e.g. continue a run its time budget cut short, at a lower learning rate
         start, _ = load_vqvae(cfg.init)
         if start.cfg != model.cfg:
-            raise ValueError(
+            raise ConfigError(
                 f"--init {cfg.init} was trained with {start.cfg}, not this run's {model.cfg}; "
                 "pass the same model options"
             )
         model.load_state_dict(start.state_dict())
+    return model
+
+
+def _train_vq(run: Run, train: torch.Tensor, test: torch.Tensor) -> dict:
+    cfg = run.cfg
+    model = _vq_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise DataError(
             f"{len(train)} training images are fewer than one batch of {cfg.batch_size}; lower --batch-size"
         )
-    from .schedule import warmup_cosine
-
     sched = warmup_cosine(
         opt, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=cfg.warmup_steps, base_lr=cfg.lr
     )
     eval_set = spread(test, cfg.eval_images)
-    n_params = sum(p.numel() for p in model.parameters())
     meta = {"data": cfg.data, "train_images": len(train), "init": cfg.init}
-    started, record = time.perf_counter(), {}
-    for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(train))
-        sums = {"loss": 0.0, "recon": 0.0, "perplexity": 0.0}
-        t0 = time.perf_counter()
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=not cfg.progress,
-        )
-        for i in bar:
-            x = (
-                train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]].float() / 255
-            )  # (B, 3, H, W) in [0, 1]
-            if cfg.hflip:  # flip a random half of the batch
-                flip = torch.rand(len(x)) < 0.5
-                x[flip] = x[flip].flip(-1)
-            recon, _, vq_loss, stats = model(x)
-            recon_loss = F.mse_loss(recon, x)
-            loss = recon_loss + vq_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            sums["loss"] += loss.item()
-            sums["recon"] += recon_loss.item()
-            sums["perplexity"] += stats["perplexity"]
-            bar.set_postfix(
-                psnr=f"{10 * math.log10(1 / max(recon_loss.item(), 1e-10)):.2f}",
-                ppl=f"{stats['perplexity']:.0f}",
-            )
-        epoch_time = time.perf_counter() - t0
+    state = run.restore(model, opt, sched)
+    if state:
+        # One RNG stream runs through the whole fit (shuffles, flips, codebook restarts), as it
+        # always has; the checkpoint carries it so that a resumed fit draws what an unbroken one would.
+        torch.set_rng_state(state["rng"])
+    train_time, record = state.get("train_time", 0.0), {}
+    run.open(meta={"kind": "vqvae", "config": model.config_dict(), **meta})
+    for epoch in range(run.resumed_at, cfg.epochs):
+        sums, epoch_time = _vq_epoch(run, model, opt, sched, train, epoch, steps_per_epoch)
+        train_time += epoch_time
         ev = evaluate_vq(model, eval_set)
         record = {
             "epoch": epoch + 1,
@@ -222,22 +218,29 @@ def _train_vq(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
             "img_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
             "epoch_time_s": epoch_time,
         }
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-        save_vqvae(out / "tokenizer.safetensors", model, meta={**meta, "epoch": epoch + 1, "metrics": record})
-        if cfg.time_budget_min is not None and time.perf_counter() - started > 60 * cfg.time_budget_min:
+        run.log_record(record)
+        save_vqvae(
+            run.dir / "tokenizer.safetensors", model, meta={**meta, "epoch": epoch + 1, "metrics": record}
+        )
+        extra = {"rng": torch.get_rng_state(), "train_time": train_time}
+        run.save_checkpoint(model, opt, sched, meta=meta, count=epoch + 1, extra=extra)
+        if run.out_of_time():
             break
-    train_time = time.perf_counter() - started
+    if not record:  # resumed a finished fit: report what the file holds
+        record = {
+            "epoch": run.resumed_at,
+            **{f"test_{k}": v for k, v in evaluate_vq(model, eval_set).items()},
+        }
     final = {k: v for k, v in record.items() if k.startswith("test_")}
     if len(eval_set) < len(
         test
     ):  # the per-epoch figures used a subset; the summary uses the whole test split
         final = {f"test_{k}": v for k, v in evaluate_vq(model, test).items()}
-    _save_recon_grid(model, test[:16], out / "recon.png")
+    _save_recon_grid(model, test[:16], run.dir / "recon.png")
     return {
         "kind": "vq",
-        "params": n_params,
+        "finished": record["epoch"] == cfg.epochs,
+        "params": count_params(model),
         "epochs_done": record["epoch"],
         "train_images": len(train),
         "train_time_s": train_time,
@@ -248,11 +251,43 @@ def _train_vq(cfg, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
     }
 
 
+def _vq_epoch(run: Run, model: VQVAE, opt, sched, train: torch.Tensor, epoch: int, steps_per_epoch: int):
+    """One shuffled pass: MSE reconstruction + the quantiser's loss; returns the sums and the time."""
+    cfg = run.cfg
+    model.train()
+    perm = torch.randperm(len(train))
+    sums = {"loss": 0.0, "recon": 0.0, "perplexity": 0.0}
+    t0 = time.perf_counter()
+    bar = run.progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    for i in bar:
+        x = train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]].float() / 255  # (B, 3, H, W) in [0, 1]
+        if cfg.hflip:  # flip a random half of the batch
+            flip = torch.rand(len(x)) < 0.5
+            x[flip] = x[flip].flip(-1)
+
+        def forward(x=x):
+            recon, _, vq_loss, stats = model(x)
+            recon_loss = F.mse_loss(recon, x)
+            return recon_loss + vq_loss, (recon_loss, stats)
+
+        loss, (recon_loss, stats) = train_step(
+            run, forward, opt, sched, params=model.parameters(), grad_clip=None, where=f"epoch {epoch + 1}"
+        )
+        sums["loss"] += loss.item()
+        sums["recon"] += recon_loss.item()
+        sums["perplexity"] += stats["perplexity"]
+        bar.set_postfix(
+            psnr=f"{10 * math.log10(1 / max(recon_loss.item(), 1e-10)):.2f}",
+            ppl=f"{stats['perplexity']:.0f}",
+        )
+    return sums, time.perf_counter() - t0
+
+
 @torch.no_grad()
 def _save_recon_grid(model: VQVAE, images: torch.Tensor, path: Path) -> None:
     from torchvision.utils import save_image
 
-    model.eval()
     x = images.float() / 255
-    recon = model(x)[0].clamp(0, 1)
+    with eval_mode(model):
+        recon = model(x)[0].clamp(0, 1)
     save_image(torch.cat([x, recon]), str(path), nrow=len(x))

@@ -1,19 +1,20 @@
-"""The training loop (big_vision style: short, obvious, in banner-commented sections).
+"""Image classification on the harness (big_vision style: short, obvious, banner-commented sections).
 
     config -> data -> model -> optimiser/schedule -> [epoch: train, evaluate, checkpoint] -> summary
 
-Exact resume: the data order comes from a sampler seeded by (seed, epoch), and every
-epoch re-seeds the global RNG (dropout, stochastic depth, augmentation) from
-(seed, epoch, rank); a checkpoint after each epoch holds weights, optimiser, schedule and
-EMA state. So a run killed at any point and resumed gives the same weights as one that
+Exact resume: the data order comes from a sampler seeded by (seed, epoch), and every epoch
+re-seeds the global RNG (dropout, stochastic depth, augmentation) with
+``run_seed(seed, epoch, rank)``; a checkpoint after each epoch holds weights, optimiser, schedule
+and EMA state. So a run killed at any point and resumed gives the same weights as one that
 never stopped, on any number of processes.
+
+The batches come from :func:`build_train_loader` alone (an iterable of ``(images, labels)`` with
+``set_epoch`` and ``len``), so a loader that keeps the data on the device can take its place.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,33 +22,54 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
+from ..errors import DataError, ModelError
+from ..io import save_checkpoint
 from ..models import create_model
-from ..io import load_checkpoint, save_checkpoint
+from ..models.registry import is_registered, model_config_fields
+from ..utils import eval_mode
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier
+from .harness import (
+    Run,
+    autocast_dtype,
+    param_groups,
+    resolve_device,
+    run_seed,
+    split_batch,
+    start_run,
+    train_step,
+)
+from .precision import optimizer_options, want_channels_last
+from .run_folder import BEST, LAST, is_finished, last_record
 from .schedule import warmup_cosine
 
-LAST, BEST = "checkpoints/last.safetensors", "checkpoints/best.safetensors"
+__all__ = [
+    "BEST",
+    "LAST",
+    "autocast_dtype",
+    "build_train_loader",
+    "evaluate",
+    "is_finished",
+    "model_overrides",
+    "param_groups",
+    "resolve_device",
+    "train",
+]
 
 
-# ------------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# The TrainConfig fields that ``vitlens.data.build_data`` takes as options of the same name.
+DATA_OPTIONS = ("fraction", "seed", "img_size", "augment", "randaugment", "random_erasing", "on_corrupt")
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None means full fp32. 'auto' takes bf16 where the GPU supports it and fp32 on CPU."""
-    if amp == "fp32":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 9_973 + rank * 101) % (2**31)
+# ------------------------------------------------------------------------------- pieces
+def model_fields(name: str) -> set[str]:
+    """The config fields of model ``name`` (empty for a builder registered without a config class)."""
+    try:
+        return model_config_fields(name)
+    except ModelError:
+        if is_registered(name):
+            return set()
+        raise
 
 
 def model_overrides(
@@ -60,11 +82,7 @@ def model_overrides(
 ) -> dict:
     """The keyword arguments given to ``create_model``: the data decides classes, size and statistics."""
     args = {"num_classes": num_classes, **cfg.model_args}
-    # The probe only tells which config fields the model has; it is built without a tokenizer,
-    # so it neither loads tokenizer files nor warns about an unfitted palette.
-    probe_args = {k: v for k, v in args.items() if k not in ("tokenizer", "tokenizer_args")}
-    probe = create_model(cfg.model, **probe_args)
-    fields = probe.cfg.__dataclass_fields__ if hasattr(probe, "cfg") else {}
+    fields = model_fields(cfg.model)
     if "img_size" in fields and "img_size" not in cfg.model_args:
         args["img_size"] = img_size  # ViTs are built for the data's resolution
     if "in_chans" in fields and in_chans != 3:
@@ -81,139 +99,51 @@ def model_overrides(
     return args
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and special tokens (timm convention)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(
-            p
-        )
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    fused = optimizer_options(next(model.parameters()).device)  # one kernel for all tensors on CUDA
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **fused)
 
 
 def count_flops(model: nn.Module, img_size: int, in_chans: int, device: torch.device) -> int:
     """FLOPs of one forward pass on one image (multiply-add = 2 FLOPs), via PyTorch's counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, in_chans, img_size, img_size, device=device))
-    model.train(was_training)
     return int(counter.get_total_flops())
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) + TensorBoard, written by the main process only."""
+class EpochLoader:
+    """A DataLoader over a DistributedSampler: ``set_epoch`` reshuffles, ``len`` counts batches."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, loader: DataLoader, sampler: DistributedSampler):
+        self.loader, self.sampler = loader, sampler
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                self.tb.add_scalar(k, v, record.get("step", 0))
-        self.tb.flush()
+    def __len__(self) -> int:
+        return len(self.loader)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def __iter__(self):
+        return iter(self.loader)
 
 
-# ------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset,
-    *,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype=None,
-    dist_info: DistInfo | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-) -> dict:
-    """Top-1 / top-5 accuracy and loss. Under DDP each rank takes every world_size-th image and
-    the counts are summed, so the result is exact (no padded duplicates)."""
-    dist_info = dist_info or DistInfo()
-    if dist_info.enabled:
-        dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = loss_sum = n = 0.0
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-        n += len(labels)
-    model.train(was_training)
-    correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], dist_info, device)
-    return {
-        "top1": 100 * correct1 / max(n, 1),
-        "top5": 100 * correct5 / max(n, 1),
-        "loss": loss_sum / max(n, 1),
-        "n": int(n),
-    }
+def build_train_loader(
+    train_ds, cfg: TrainConfig, dinfo: DistInfo, device: torch.device, local_bs: int
+) -> EpochLoader:
+    """This process's training batches ``(images, labels)``: seeded by (seed, epoch), sharded across
+    processes, ``local_bs`` images each. Decoded data that fits stays on the device
+    (``cfg.data_path``, data/device_loader.py): same order, sharding and drop rule, batched augmentation."""
+    from ..data.device_loader import DeviceLoader, resolve_data_path
 
-
-# ------------------------------------------------------------------------------- training
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Train ``cfg.model`` on ``cfg.data``; returns the summary also written to RUN/summary.json."""
-    from ..data import build_batch_mixer, build_data
-
-    run_dir = Path(cfg.out)
-    device = resolve_device(cfg.device)
-    dinfo = init_distributed(device.type)
-    if dinfo.enabled and device.type == "cuda":
-        device = torch.device("cuda", dinfo.local_rank)
-    if cfg.batch_size % dinfo.world_size:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {dinfo.world_size} processes")
-    last_ckpt = run_dir / LAST
-    if last_ckpt.exists() and not resume:
-        raise ValueError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+    if resolve_data_path(cfg.data_path, train_ds, device, cfg.num_workers) == "device":
+        return DeviceLoader(
+            train_ds, local_bs, device=device, seed=cfg.seed, world_size=dinfo.world_size, rank=dinfo.rank
         )
-    amp_dtype = autocast_dtype(cfg.amp, device)
-
-    # ---- data: the training split is a class-balanced nested fraction; the test split is whole
-    torch.manual_seed(cfg.seed)
-    train_ds, test_ds, info = build_data(
-        cfg.data,
-        cfg.data_dir,
-        fraction=cfg.fraction,
-        seed=cfg.seed,
-        img_size=cfg.img_size,
-        augment=cfg.augment,
-        randaugment=cfg.randaugment,
-        random_erasing=cfg.random_erasing,
-        on_corrupt=cfg.on_corrupt,
-    )
-    local_bs = cfg.batch_size // dinfo.world_size
     sampler = DistributedSampler(
         train_ds, num_replicas=dinfo.world_size, rank=dinfo.rank, shuffle=True, seed=cfg.seed
     )
@@ -228,23 +158,96 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )
+    return EpochLoader(loader, sampler)
+
+
+# ------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype=None,
+    dist_info: DistInfo | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    data_path: str = "dataloader",
+    tta: str | None = None,
+) -> dict:
+    """Top-1 / top-5 accuracy and loss. Under DDP each rank takes every world_size-th image and
+    the counts are summed, so the result is exact (no padded duplicates)."""
+    from ..data.device_loader import DeviceLoader, resolve_data_path
+
+    dist_info = dist_info or DistInfo()
+    if resolve_data_path(data_path, dataset, device, num_workers) == "device":
+        loader = DeviceLoader(
+            dataset, batch_size, device=device, shuffle=False, world_size=dist_info.world_size,
+            rank=dist_info.rank,
+        )
+    else:
+        if dist_info.enabled:
+            dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    correct1 = correct5 = loss_sum = n = 0.0
+    with eval_mode(model):
+        for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress):
+            images, labels = images.to(device), labels.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(images).float()
+                if tta == "flip":  # mean of the logits of the image and its mirror
+                    logits = (logits + model(images.flip(-1)).float()) / 2
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += (top[:, 0] == labels).sum().item()
+            correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+            n += len(labels)
+    correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], dist_info, device)
+    return {
+        "top1": 100 * correct1 / max(n, 1),
+        "top5": 100 * correct5 / max(n, 1),
+        "loss": loss_sum / max(n, 1),
+        "n": int(n),
+    }
+
+
+# ------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.data``; returns the summary also written to RUN/summary.json.
+
+    ``resume``: continue the run in ``cfg.out`` (its config.json must equal ``cfg``);
+    ``overrides``: deliberate changes of a resumed run (``{"epochs": 20}``; see harness.OVERRIDABLE_KEYS).
+    """
+    from ..data import build_batch_mixer, build_data
+
+    run = start_run(cfg, resume=resume, overrides=overrides, counter="epoch")
+    cfg, device, dinfo = run.cfg, run.device, run.dist
+    local_bs = split_batch(cfg.batch_size, run)
+
+    # ---- data: the training split is a class-balanced nested fraction; the test split is whole
+    torch.manual_seed(cfg.seed)
+    train_ds, test_ds, info = build_data(cfg.data, cfg.data_dir, **{k: getattr(cfg, k) for k in DATA_OPTIONS})
+    loader = build_train_loader(train_ds, cfg, dinfo, device, local_bs)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"no training batches: {len(train_ds)} images for batch size {cfg.batch_size}")
+        raise DataError(
+            f"no training batches: {len(train_ds)} images for batch size {cfg.batch_size}; "
+            "lower --batch-size or raise --fraction"
+        )
     mixer = build_batch_mixer(info.num_classes, cfg.mixup, cfg.cutmix)
 
-    # ---- model, optimiser, schedule
+    # ---- model, optimiser, schedule, EMA
     margs = model_overrides(cfg, info.num_classes, info.img_size, info.in_chans, info.mean, info.std)
-    model = create_model(cfg.model, **margs).to(device)
-    if cfg.channels_last:
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **margs).to(device)
+    if want_channels_last(cfg.channels_last, model):
         model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model, info.img_size, info.in_chans, device)
     optimizer = build_optimizer(model, cfg)
-    total_steps = cfg.epochs * steps_per_epoch
     scheduler = warmup_cosine(
         optimizer,
-        total_steps=total_steps,
+        total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
         base_lr=cfg.lr,
         min_lr=cfg.min_lr,
@@ -254,7 +257,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = run.grad_scaler()
     meta = {
         "model": cfg.model,
         "model_args": margs,
@@ -265,148 +268,60 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         "std": list(info.std),
         "data": cfg.data,
     }
+    state = run.restore(model, optimizer, scheduler, scaler)
+    if ema is not None and state:
+        ema.load_state_dict(state["ema"])
+    best_top1, train_time = state.get("best_top1", -1.0), state.get("train_time", 0.0)
+    run.open(meta)
 
-    start_epoch, best_top1, train_time = 0, -1.0, 0.0
-    if resume and last_ckpt.exists():
-        weights, _, state = load_checkpoint(last_ckpt)
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, best_top1, train_time = state["epoch"], state["best_top1"], state["train_time"]
-
-    if dinfo.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
-        (run_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log = MetricsLog(run_dir, dinfo.is_main)
-    step_model = model
-    if dinfo.enabled:
-        step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    step_model = run.wrap(model)
     if cfg.compile:
         step_model = torch.compile(step_model)
 
     # ---- epochs
-    started = time.perf_counter()
     epochs_this_run = 0
-
-    def evaluate_on_test(m: nn.Module) -> dict:
-        return evaluate(
-            m,
-            test_ds,
-            batch_size=local_bs * 2,
-            device=device,
-            amp_dtype=amp_dtype,
-            dist_info=dinfo,
-            num_workers=cfg.num_workers,
-        )
-
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, dinfo.rank))
-        sampler.set_epoch(epoch)
+    for epoch in range(run.resumed_at, cfg.epochs):
+        torch.manual_seed(run_seed(cfg.seed, epoch, dinfo.rank))
+        loader.set_epoch(epoch)
         model.train()
-        loss_sum = correct = seen = 0.0
-        t0 = time.perf_counter()
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=not (cfg.progress and dinfo.is_main),
+        stats, epoch_time = train_epoch(
+            run, step_model, model, loader, optimizer, scheduler, scaler, ema, mixer, epoch
         )
-        for images, labels in bar:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = labels
-            if mixer is not None:
-                images, targets = mixer(images, labels)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = step_model(images)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or use --amp fp32"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}",
-                img_s=f"{seen * dinfo.world_size / (time.perf_counter() - t0):.0f}",
-                lr=f"{scheduler.get_last_lr()[0]:.2e}",
-            )
-        epoch_time = time.perf_counter() - t0
         train_time += epoch_time
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dinfo, device)
-        record = {
-            "epoch": epoch + 1,
-            "step": (epoch + 1) * steps_per_epoch,
-            "lr": scheduler.get_last_lr()[0],
-            "train_loss": loss_sum / seen,
-            "train_acc": 100 * correct / seen,
-            "img_per_s": seen / epoch_time,
-            "epoch_time_s": epoch_time,
-        }
+        record = epoch_record(run, epoch, steps_per_epoch, scheduler, stats, epoch_time)
         is_last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or is_last:
-            ev = evaluate_on_test(model)
-            record.update({"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]})
-            if ema is not None:
-                ev_ema = evaluate_on_test(ema.module)
-                record.update({"ema_test_top1": ev_ema["top1"], "ema_test_top5": ev_ema["top5"]})
-        log.write(record)
-        if dinfo.is_main and cfg.progress:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-            tqdm.write(json.dumps(shown))
+            record.update(evaluate_epoch(run, model, ema, test_ds, local_bs))
+        run.log_record(record)
 
         # ---- checkpoint (main process; atomic, so a kill here keeps the previous one)
         top1 = record.get("test_top1", -1.0)
-        if dinfo.is_main:
-            if top1 > best_top1:
-                save_checkpoint(
-                    run_dir / BEST, model.state_dict(), meta={**meta, "epoch": epoch + 1, "test_top1": top1}
-                )
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch + 1,
-                "best_top1": max(best_top1, top1),
-                "train_time": train_time,
-            }
+        if run.is_main and top1 > best_top1:
             save_checkpoint(
-                run_dir / LAST, model.state_dict(), meta={**meta, "epoch": epoch + 1}, state=state
+                run.dir / BEST, model.state_dict(), meta={**meta, "epoch": epoch + 1, "test_top1": top1}
             )
         best_top1 = max(best_top1, top1)
-        barrier(dinfo)
+        extra = {
+            "ema": ema.state_dict() if ema is not None else None,
+            "best_top1": best_top1,
+            "train_time": train_time,
+        }
         epochs_this_run += 1
-        out_of_time = (
-            cfg.time_budget_min is not None and time.perf_counter() - started > 60 * cfg.time_budget_min
-        )
-        if not is_last and (
-            (cfg.stop_after_epochs and epochs_this_run >= cfg.stop_after_epochs) or out_of_time
-        ):
-            log.close()
-            cleanup(dinfo)
+        stop_early = cfg.stop_after_epochs and epochs_this_run >= cfg.stop_after_epochs
+        leaving = not is_last and (stop_early or run.out_of_time())
+        # Every checkpoint_every epochs (many tiny epochs of a small fraction would spend their time
+        # writing files), and always at the end or when leaving early, so a resume never loses work.
+        if is_last or leaving or (epoch + 1) % cfg.checkpoint_every == 0:
+            run.save_checkpoint(
+                model, optimizer, scheduler, meta=meta, count=epoch + 1, scaler=scaler, extra=extra
+            )
+        barrier(dinfo)
+        if leaving:
+            run.close()
             return {"finished": False, "epoch": epoch + 1}
 
     # ---- summary
-    last = _last_record(run_dir / "metrics.jsonl") if dinfo.is_main else {}
+    last = last_record(run.dir / "metrics.jsonl") if run.is_main else {}
     summary = {
         "finished": True,
         "model": cfg.model,
@@ -423,17 +338,83 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         "device": str(device),
         "world_size": dinfo.world_size,
     }
-    if dinfo.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.close()
-    cleanup(dinfo)
-    return summary
+    return run.finish(summary)
 
 
-def _last_record(path: Path) -> dict:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+def train_epoch(run: Run, step_model, model, loader, optimizer, scheduler, scaler, ema, mixer, epoch: int):
+    """One pass over ``loader``; returns the summed (loss, correct, seen) of this process and the time."""
+    cfg = run.cfg
+    loss_sum = correct = seen = 0.0
+    t0 = time.perf_counter()
+    bar = run.progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    for images, labels in bar:
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        if want_channels_last(cfg.channels_last, model):
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)
+
+        def forward(images=images, targets=targets):
+            logits = step_model(images)
+            return F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing), logits
+
+        loss, logits = train_step(
+            run,
+            forward,
+            optimizer,
+            scheduler,
+            params=model.parameters(),
+            grad_clip=cfg.grad_clip,
+            scaler=scaler,
+            where=f"epoch {epoch + 1}",
+            fix="lower --lr or use --amp fp32",
+        )
+        if ema is not None:
+            ema.update_parameters(model)
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.3f}",
+            img_s=f"{seen * run.dist.world_size / (time.perf_counter() - t0):.0f}",
+            lr=f"{scheduler.get_last_lr()[0]:.2e}",
+        )
+    return (loss_sum, correct, seen), time.perf_counter() - t0
 
 
-def is_finished(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / "summary.json").exists()
+def epoch_record(run: Run, epoch: int, steps_per_epoch: int, scheduler, stats, epoch_time: float) -> dict:
+    loss_sum, correct, seen = all_reduce_sum(list(stats), run.dist, run.device)
+    return {
+        "epoch": epoch + 1,
+        "step": (epoch + 1) * steps_per_epoch,
+        "lr": scheduler.get_last_lr()[0],
+        "train_loss": loss_sum / seen,
+        "train_acc": 100 * correct / seen,
+        "img_per_s": seen / epoch_time,
+        "epoch_time_s": epoch_time,
+    }
+
+
+def evaluate_epoch(run: Run, model, ema, test_ds, local_bs: int) -> dict:
+    """Test top-1/top-5/loss of the model (and of its EMA) for the epoch's record."""
+
+    def on_test(m: nn.Module) -> dict:
+        return evaluate(
+            m,
+            test_ds,
+            batch_size=local_bs * 2,
+            device=run.device,
+            amp_dtype=run.amp_dtype,
+            dist_info=run.dist,
+            num_workers=run.cfg.num_workers,
+            data_path=run.cfg.data_path,
+            tta=run.cfg.tta,
+        )
+
+    ev = on_test(model)
+    out = {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]}
+    if ema is not None:
+        ev_ema = on_test(ema.module)
+        out.update({"ema_test_top1": ev_ema["top1"], "ema_test_top5": ev_ema["top5"]})
+    return out

@@ -37,9 +37,19 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...errors import ModelError
+from ...layers import PatchEmbed
 from .hybrid import HybridEmbed, build_hybrid_tokenizer
-from .palette import PixelTokenizer, assign_palette, fit_palette, load_palette, save_palette, uniform_palette
-from .vqvae import VQVAE, VQTokenizer, VQVAEConfig, load_vqvae, psnr, save_vqvae
+from .palette import (
+    PixelTokenizer,
+    assign_palette,
+    build_pixel_tokenizer,
+    fit_palette,
+    load_palette,
+    save_palette,
+    uniform_palette,
+)
+from .vqvae import VQVAE, VQTokenizer, VQVAEConfig, build_vq_tokenizer, load_vqvae, psnr, save_vqvae
 
 TOKENIZERS = ("patch", "pixel", "vq", "hybrid")
 
@@ -62,21 +72,16 @@ __all__ = [
 ]
 
 
+_BUILDERS = {"pixel": build_pixel_tokenizer, "vq": build_vq_tokenizer, "hybrid": build_hybrid_tokenizer}
+
+
 def build_image_tokenizer(cfg) -> nn.Module:
-    """The tokenizer module a ``ViTConfig`` asks for (``cfg.tokenizer``, ``cfg.tokenizer_args``)."""
-    args = dict(cfg.tokenizer_args or {})
-    if cfg.tokenizer == "pixel":
-        from .palette import build_pixel_tokenizer
+    """The tokenizer module a ``ViTConfig`` asks for (``cfg.tokenizer``, ``cfg.tokenizer_args``).
 
-        return build_pixel_tokenizer(cfg, args)
-    if cfg.tokenizer == "vq":
-        from .vqvae import build_vq_tokenizer
-
-        return build_vq_tokenizer(cfg, args)
-    if cfg.tokenizer == "hybrid":
-        return build_hybrid_tokenizer(cfg, args)
+    The one place a ViT's tokenizer (``patch_embed``) is built, the plain patch projection included.
+    """
     if cfg.tokenizer == "patch":
-        from ...layers import PatchEmbed
-
-        return PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-    raise ValueError(f"unknown tokenizer {cfg.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+        return PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, bias=cfg.patch_bias)
+    if cfg.tokenizer not in _BUILDERS:
+        raise ModelError(f"unknown tokenizer {cfg.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    return _BUILDERS[cfg.tokenizer](cfg, dict(cfg.tokenizer_args or {}))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import ModelError
+
 
 def input_stats(args: dict | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` the ViT's inputs were normalised with: ``tokenizer_args`` 'mean'/'std',
@@ -14,7 +16,7 @@ def input_stats(args: dict | None = None) -> tuple[tuple[float, ...], tuple[floa
     mean = tuple(float(v) for v in (args.get("mean") or CIFAR10_MEAN))
     std = tuple(float(v) for v in (args.get("std") or CIFAR10_STD))
     if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"tokenizer_args mean/std need 3 values (RGB), got mean={mean} std={std}")
+        raise ModelError(f"tokenizer_args mean/std need 3 values (RGB), got mean={mean} std={std}")
     return mean, std
 
 

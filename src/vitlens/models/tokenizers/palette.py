@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers.patch_embed import to_2tuple
+from ...errors import CheckpointError, DataError, ModelError
+from ...utils import to_2tuple
 from .common import Unnormalize, input_stats
 
 
@@ -75,7 +76,7 @@ def fit_palette(images, k: int = 512, seed: int = 0, iters: int = 10, sample: in
         pixels = pixels[torch.randperm(pixels.shape[0], generator=g)[:sample]]
     n_colours = torch.unique(pixels, dim=0).shape[0]
     if n_colours < k:
-        raise ValueError(f"only {n_colours} distinct colours in the sample, fewer than k={k}; lower k")
+        raise DataError(f"only {n_colours} distinct colours in the sample, fewer than k={k}; lower k")
     centroids = _kmeans_pp(pixels, k, g)
     for _ in range(iters):
         assign = assign_palette(pixels, centroids)  # (M,)
@@ -102,7 +103,7 @@ def uniform_palette(k: int = 512) -> torch.Tensor:
     """A fixed palette: ``k = L^3`` colours on a uniform RGB grid (512 = 8 levels a channel), 0..255."""
     levels = round(k ** (1 / 3))
     if levels**3 != k:
-        raise ValueError(f"a uniform RGB palette needs a cube number of colours (8, 64, 512, ...), got k={k}")
+        raise ModelError(f"a uniform RGB palette needs a cube number of colours (8, 64, 512, ...), got k={k}")
     v = (torch.arange(levels, dtype=torch.float32) + 0.5) * (256 / levels) - 0.5  # bin centres
     r, g, b = torch.meshgrid(v, v, v, indexing="ij")
     return torch.stack([r, g, b], -1).reshape(-1, 3)
@@ -124,7 +125,7 @@ def load_palette(path: str | Path) -> torch.Tensor:
 
     state, meta, _ = load_checkpoint(path)
     if "palette" not in state:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds no palette (kind {meta.get('kind')!r}); make one with "
             "`vitlens train-tokenizer --kind palette`"
         )
@@ -145,7 +146,7 @@ class PixelTokenizer(nn.Module):
         self.img_size = to_2tuple(img_size)
         self.resolution = resolution
         if self.img_size[0] % resolution or self.img_size[1] % resolution:
-            raise ValueError(
+            raise ModelError(
                 f"image size {self.img_size} is not a multiple of resolution {resolution}; "
                 f"pick a resolution that divides it (e.g. {math.gcd(*self.img_size) // 2})"
             )
@@ -167,7 +168,7 @@ class PixelTokenizer(nn.Module):
     def set_palette(self, palette: torch.Tensor) -> None:
         """Replace the palette (e.g. with :func:`fit_palette` on the training set) - same K only."""
         if palette.shape != self.palette.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"palette shape {tuple(palette.shape)} differs from the model's {tuple(self.palette.shape)}"
             )
         self.palette.copy_(palette)
@@ -197,7 +198,7 @@ def build_pixel_tokenizer(cfg, args: dict) -> PixelTokenizer:
     if path:
         palette = load_palette(path)
         if "k" in args and palette.shape[0] != k:
-            raise ValueError(
+            raise CheckpointError(
                 f"palette {path} has {palette.shape[0]} colours but tokenizer_args k={k}; "
                 "drop k (the file decides) or pass a palette with k colours"
             )

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers.patch_embed import to_2tuple
+from ...errors import CheckpointError, ModelError
+from ...utils import to_2tuple
 from .common import Unnormalize, input_stats
 
 
@@ -50,9 +51,9 @@ class VQVAEConfig:
 
     def __post_init__(self):
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
-            raise ValueError(f"downsample must be a power of 2 (1, 2, 4, 8, ...), got {self.downsample}")
+            raise ModelError(f"downsample must be a power of 2 (1, 2, 4, 8, ...), got {self.downsample}")
         if self.codebook_size < 2:
-            raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")
+            raise ModelError(f"codebook_size must be at least 2, got {self.codebook_size}")
 
 
 class ResBlock(nn.Module):
@@ -249,7 +250,7 @@ def load_vqvae(path: str | Path) -> tuple[VQVAE, dict]:
 
     state, meta, _ = load_checkpoint(path)
     if meta.get("kind") != "vqvae":
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a VQ-VAE tokenizer (kind {meta.get('kind')!r}); train one with "
             "`vitlens train-tokenizer --kind vq --out DIR` and use DIR/tokenizer.safetensors"
         )
@@ -283,7 +284,7 @@ class VQTokenizer(nn.Module):
         """The conv encoder takes any size divisible by its downsampling; the token grid follows."""
         img_size, f = to_2tuple(img_size), self.patch_size[0]
         if img_size[0] % f or img_size[1] % f:
-            raise ValueError(f"image size {img_size} is not divisible by the VQ-VAE's downsampling {f}")
+            raise ModelError(f"image size {img_size} is not divisible by the VQ-VAE's downsampling {f}")
         self.img_size = img_size
         self.grid_size = (img_size[0] // f, img_size[1] // f)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -328,6 +329,6 @@ def build_vq_tokenizer(cfg, args: dict) -> VQTokenizer:
         vq_cfg = dict(args.get("vq_config", {}))
         known = {f.name for f in fields(VQVAEConfig)}
         if unknown := sorted(set(vq_cfg) - known):
-            raise ValueError(f"unknown vq_config keys {unknown}; valid: {sorted(known)}")
+            raise ModelError(f"unknown vq_config keys {unknown}; valid: {sorted(known)}")
         vq = VQVAE(VQVAEConfig(**vq_cfg))
     return VQTokenizer(cfg.img_size, cfg.embed_dim, vq, mean, std)
