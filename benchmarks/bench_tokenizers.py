@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from vitlens import create_model
-from vitlens.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 from vitlens.train import TrainConfig, train
+from vitlens.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 MODEL = "vit_micro_patch4_32"
 

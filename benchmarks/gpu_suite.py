@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default=None, help="scratch folder for runs (default: a temp folder)")
     p.add_argument("--data", default=None, help="folder with cifar10/, multi30k/, tinyshakespeare/")
     p.add_argument("--budget-s", type=float, default=520.0, help="wall-clock budget of the whole suite")
-    p.add_argument("--parts", default=None, help="comma-separated subset, in the default order")
+    p.add_argument("--parts", default=None, help="comma-separated subset, run in the order given")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # the setup part's own process
     p.add_argument("--probe-device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--probe-dataset", default="cifar10-mini", help=argparse.SUPPRESS)
@@ -508,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = sorted(set(wanted) - {q.name for q in parts})
         if unknown:
             p.error(f"unknown parts {unknown}; choose from {[q.name for q in parts]}")
-        parts = [q for q in parts if q.name in wanted]
+        by_name = {q.name: q for q in parts}
+        parts = [by_name[name] for name in wanted]  # in the order given: first come, first served
     result = {
         "dry_run": args.dry_run,
         "budget_s": args.budget_s,

@@ -10,6 +10,7 @@
 # using the real tree) and writes, in the real tree:
 #   benchmarks/mutation.json            killed, survived, timeout, score, modules, date, commit
 #   benchmarks/mutation-survivors.txt   the diff of every surviving mutant
+# MUTATION_SUMMARY_ONLY=1 with MUTATION_WORKDIR=DIR only rewrites the two files from the run in DIR.
 # Environment: PYTHON (default .venv/bin/python), MUTATION_WORKDIR (default a fresh temp dir),
 # MUTATION_JOBS (parallel mutants, default 1: the machine may be shared), MUTATION_TESTS (a
 # space-separated test selection in place of pytest_add_cli_args_test_selection), MUTATION_MUTANTS
@@ -26,6 +27,11 @@ OUT_SURVIVORS=$REPO/benchmarks/mutation-survivors.txt
 
 "$PY" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: $PY -m pip install mutmut" >&2; exit 1; }
 
+if [ -n "${MUTATION_SUMMARY_ONLY:-}" ]; then  # re-summarise an earlier (or interrupted) run in $WORK
+    [ -d "$WORK/mutants" ] || { echo "no mutmut run in $WORK" >&2; exit 1; }
+    cd "$WORK"
+    elapsed=0
+else
 # 1. a copy of the tree as it is now (uncommitted edits included), without venv, git and run outputs
 mkdir -p "$WORK"
 tar -C "$REPO" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./mutants \
@@ -55,6 +61,7 @@ set -f  # MUTATION_MUTANTS holds globs for mutmut, not for the shell
 "$PY" -m mutmut run --max-children "$JOBS" ${MUTATION_MUTANTS:-} || echo "mutmut run exited with $? (results so far are kept)" >&2
 elapsed=$(( $(date +%s) - start ))
 set +f
+fi
 
 # 4. summarise: counts per status and per module, the score, the survivors' diffs
 COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vitlens import create_model
 from vitlens.cli import main as cli_main
+from vitlens.io import load_checkpoint, save_checkpoint
 from vitlens.models.resnet import BasicBlock
 from vitlens.models.tokenizers import (
     VQVAE,
@@ -27,7 +28,6 @@ from vitlens.models.tokenizers import (
     save_vqvae,
     uniform_palette,
 )
-from vitlens.io import load_checkpoint, save_checkpoint
 
 TINY_VQ = dict(hidden=32, res_hidden=16, num_res_blocks=1, code_dim=16, codebook_size=64)
 

@@ -28,6 +28,7 @@ from .errors import ConfigError, MissingFileError
 __all__ = [
     "Config",
     "add_arguments",
+    "check_values",
     "config_from_args",
     "from_dict",
     "from_file",
@@ -113,6 +114,17 @@ def from_dict(cls, values: dict, *, source: str | None = None):
         return cls(**checked)
     except ConfigError as e:  # __post_init__: an impossible value
         raise ConfigError(f"{where}{e}") from None
+
+
+def check_values(cls, values: dict, *, what: str | None = None) -> dict:
+    """``values`` (some fields of the dataclass ``cls``) checked against its annotations, as
+    :func:`from_dict` does; for arguments that are not built here (``model_args``)."""
+    try:
+        hints = _hints(cls)
+    except Exception:  # annotations this module cannot resolve: leave the checks to the class
+        return dict(values)
+    where = f"{what}: " if what else ""
+    return {k: _check(cls.__name__, k, v, hints[k], where) if k in hints else v for k, v in values.items()}
 
 
 def from_file(cls, path: str | Path, **overrides):
@@ -204,7 +216,8 @@ def _check(owner: str, key: str, value, tp, where: str = ""):
         if not isinstance(value, (list, tuple)):
             raise bad
         (item,) = typing.get_args(base)[:1] or (Any,)
-        return [_check(owner, f"{key}[{i}]", v, item, where) for i, v in enumerate(value)]
+        items = [_check(owner, f"{key}[{i}]", v, item, where) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     elif origin is dict:
         if not isinstance(value, dict):
             raise bad

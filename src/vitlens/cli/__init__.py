@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
-from ..errors import VitlensError
+from ..errors import ConfigError, VitlensError
 
 # One module per command group, in the order ``vitlens --help`` lists them.
 COMMAND_MODULES = ["models", "train", "study", "report", "analyze", "text", "tokenizer"]
@@ -93,7 +94,6 @@ def run_config(cls, args) -> tuple[object, dict]:
     ``--override KEY=VALUE`` changes the harness applies and records.
     """
     from ..config import config_from_args, given_values
-    from ..errors import ConfigError
     from ..train import parse_overrides, resume_config
 
     overrides = parse_overrides(getattr(args, "override", None))
@@ -106,6 +106,14 @@ def run_config(cls, args) -> tuple[object, dict]:
     given = given_values(cls, args)
     out = given.get("out", cls().out)
     return resume_config(cls, out, given), overrides
+
+
+def run_training(cls, train_fn, args, show=lambda summary: summary) -> int:
+    """The body of every training verb: config (new or resumed), train, print the summary."""
+    cfg, overrides = run_config(cls, args)
+    summary = train_fn(cfg, resume=args.resume, overrides=overrides)
+    print(json.dumps(show(summary), indent=2))
+    return 0
 
 
 def one_line(error: BaseException) -> str:

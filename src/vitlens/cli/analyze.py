@@ -111,7 +111,9 @@ def register(sub) -> None:
 def _processes(args):
     """This process's device; under torchrun, joined to the others' process group for the command."""
     from ..analysis.distributed import init_from_torchrun, rank_device
+    from ..utils import check_out_folder
 
+    check_out_folder(args.out)  # before any work
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,12 +11,11 @@ vitlens translate runs/multi30k --file test.de --ref test.en --beam 4
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from . import ArgumentParser, add_run_arguments, run_config
+from . import ArgumentParser, add_run_arguments, run_training
 
 TRANSLATE_USAGE = """usage: vitlens translate train [--data-dir DIR] [--out RUN] [options]
        vitlens translate RUN "Ein Mann fährt Fahrrad." [...]
@@ -126,10 +125,7 @@ def register(sub) -> None:
 def run_lm_train(args) -> int:
     from ..train.lm import LMTrainConfig, train_lm
 
-    cfg, overrides = run_config(LMTrainConfig, args)
-    summary = train_lm(cfg, resume=args.resume, overrides=overrides)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_training(LMTrainConfig, train_lm, args)
 
 
 def run_lm_sample(args) -> int:
@@ -218,10 +214,7 @@ def run_translate(args) -> int:
         from ..train.translate import train_translate
 
         targs = _translate_train_parser(args._tr_config).parse_args(rest[1:])
-        cfg, overrides = run_config(args._tr_config, targs)
-        summary = train_translate(cfg, resume=targs.resume, overrides=overrides)
-        print(json.dumps(summary, indent=2))
-        return 0
+        return run_training(args._tr_config, train_translate, targs)
     return _decode(_translate_parser().parse_args(rest))
 
 

@@ -10,9 +10,8 @@ then ``vitlens train --tokenizer vq`` with ``tokenizer_args={"checkpoint": "runs
 from __future__ import annotations
 
 import argparse
-import json
 
-from . import add_run_arguments, run_config
+from . import add_run_arguments, run_training
 
 _HELP = {
     "kind": "vq: train a VQ-VAE (tokenizer.safetensors); palette: k-means colours (palette.safetensors)",
@@ -38,7 +37,5 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
-    cfg, overrides = run_config(TokenizerTrainConfig, args)
-    summary = train_tokenizer(cfg, resume=args.resume, overrides=overrides)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
-    return 0
+    without_config = lambda summary: {k: v for k, v in summary.items() if k != "config"}
+    return run_training(TokenizerTrainConfig, train_tokenizer, args, show=without_config)

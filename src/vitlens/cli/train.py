@@ -6,7 +6,7 @@ import json
 
 from ..errors import DataError, ModelError
 from ..train.config import TrainConfig
-from . import add_run_arguments, run_config
+from . import add_run_arguments, run_training
 
 _HELP = {
     "model": "registered model name (see `vitlens models`)",
@@ -69,10 +69,7 @@ _positive_int.__name__ = "positive int"  # argparse: "invalid positive int value
 def run_train(args) -> int:
     from ..train import train
 
-    cfg, overrides = run_config(TrainConfig, args)
-    summary = train(cfg, resume=args.resume, overrides=overrides)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return run_training(TrainConfig, train, args)
 
 
 def run_eval(args) -> int:
@@ -92,8 +89,11 @@ def run_eval(args) -> int:
         raise ModelError(f"{args.run} is a {meta['task']} run, not an image classifier; try `{verb}`")
     pre = meta.get("preprocess") or {}  # a pretrained model's own normalisation (mean/std)
     _, test_ds, info = build_data(
-        args.data or meta.get("data", "cifar10-mini"), args.data_dir, img_size=meta.get("img_size"),
-        mean=pre.get("mean"), std=pre.get("std"),
+        args.data or meta.get("data", "cifar10-mini"),
+        args.data_dir,
+        img_size=meta.get("img_size"),
+        mean=pre.get("mean"),
+        std=pre.get("std"),
     )
     check_classes(meta.get("classes"), info.classes, allow=args.allow_class_mismatch)
     result = evaluate(model.to(device), test_ds, batch_size=args.batch_size, device=device, progress=True)

@@ -17,7 +17,9 @@ from ..utils import to_2tuple
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, H/P * W/P, D). Attributes used by the analysis: ``grid_size``, ``patch_size``."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
+    def __init__(
+        self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True
+    ):
         super().__init__()
         self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
         check_divisible(self.img_size, self.patch_size)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..config import check_values
 from ..errors import ConfigError, ModelError
 
 
@@ -41,7 +42,7 @@ class ModelEntry:
             # Dict-valued fields (tokenizer_args) keep the variant's defaults the user did not set.
             both_dicts = isinstance(args.get(key), dict) and isinstance(value, dict)
             args[key] = {**args[key], **value} if both_dicts else value
-        return self.build(self.config_class(**args))
+        return self.build(self.config_class(**check_values(self.config_class, args, what=self.name)))
 
 
 _MODELS: dict[str, ModelEntry] = {}

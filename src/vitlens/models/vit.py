@@ -23,7 +23,7 @@ from .tokenizers import build_image_tokenizer
 
 @dataclass
 class ViTConfig:
-    img_size: int = 224
+    img_size: int | tuple[int, int] = 224  # (height, width) for non-square images
     patch_size: int = 16
     in_chans: int = 3
     num_classes: int = 1000

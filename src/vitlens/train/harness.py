@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, DeviceError, ResumeError
 from ..io import load_checkpoint, save_checkpoint
+from ..utils import check_out_folder
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .precision import resolve_amp
 from .run_folder import (
@@ -39,7 +40,6 @@ from .run_folder import (
     OVERRIDABLE_KEYS,
     MetricsLog,
     as_json,
-    check_out_folder,
     config_differences,
     has_checkpoint,
     refusal,

@@ -14,7 +14,6 @@ on purpose (``overrides``), and each such change is recorded in config.json.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -209,25 +208,6 @@ def require_checkpoint(run_dir: Path) -> None:
         raise ResumeError(
             f"--resume: {run_dir} holds no checkpoint ({LAST}) to continue from; start it again "
             "without --resume"
-        )
-
-
-def check_out_folder(run_dir: Path) -> None:
-    """A ConfigError now (before any work) if ``--out`` cannot become a run folder."""
-    if run_dir.exists():
-        if not run_dir.is_dir():
-            raise ConfigError(f"--out {run_dir} is a file, not a folder; choose another --out")
-        if not os.access(run_dir, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out {run_dir} is not writable; choose another --out")
-        return
-    parent = run_dir.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {run_dir} lies under {parent}, which is a file; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"--out {run_dir} cannot be created ({parent} is not writable); choose another --out"
         )
 
 
