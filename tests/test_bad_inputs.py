@@ -272,6 +272,8 @@ CASES = [
     C("translate-train-no-data", lambda c: ["translate", "train", "--out", str(c.tmp / "r")], r"--data-dir"),
     C("translate-train-steps-0", lambda c: ["translate", "train", "--max-steps", "0", "--out", str(c.tmp / "r")],
       r"max.steps"),
+    C("translate-train-vocab-3", lambda c: ["translate", "train", "--vocab-size", "3", "--out", str(c.tmp / "r")],
+      r"--vocab-size 3"),
     C("translate-train-resume-truncated", lambda c: ["translate", "train", "--resume", "--out",
                                                      str(c.run_with("truncated", TR))], r"last\.safetensors"),
     # ---- train-tokenizer and models

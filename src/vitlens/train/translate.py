@@ -78,6 +78,13 @@ class TranslateTrainConfig(Config):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if self.vocab_size < 100:
+            # BPE keeps every character of the corpus plus 4 specials whatever the target size, and a
+            # target below the alphabet makes tokenizers' trainer crawl; no useful vocabulary is that small.
+            raise ConfigError(
+                f"--vocab-size {self.vocab_size} is smaller than the characters of any real corpus; "
+                "give at least 100 (8000 is the default for Multi30k)"
+            )
         if self.amp not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"--amp must be one of auto, bf16, fp16, fp32; got {self.amp!r}")
 
