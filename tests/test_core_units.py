@@ -167,6 +167,12 @@ def _randomise(module):
             )
 
 
+def _torch_layer(cls, dim: int, heads: int, norm_first: bool):
+    """PyTorch's own encoder/decoder layer configured as our blocks are (GELU, MLP 2x, eps 1e-6)."""
+    return cls(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
+               norm_first=norm_first, layer_norm_eps=1e-6).eval()
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_block_equals_torch_encoder_layer(norm_first):
     """Catches a norm moved or dropped in either the pre-norm (ViT/GPT) or post-norm (BERT) path."""
@@ -177,16 +183,7 @@ def test_block_equals_torch_encoder_layer(norm_first):
     D, H = 16, 4
     ours = Block(D, H, mlp_ratio=2.0, norm_first=norm_first).eval()
     _randomise(ours)
-    ref = nn.TransformerEncoderLayer(
-        D,
-        H,
-        2 * D,
-        dropout=0.0,
-        activation="gelu",
-        batch_first=True,
-        norm_first=norm_first,
-        layer_norm_eps=1e-6,
-    ).eval()
+    ref = _torch_layer(nn.TransformerEncoderLayer, D, H, norm_first)
     with torch.no_grad():
         _copy_self_attn(ours.attn, ref.self_attn)
         _copy_common(ours, ref, [(ours.norm1, ref.norm1), (ours.norm2, ref.norm2)])
@@ -208,16 +205,7 @@ def test_cross_block_equals_torch_decoder_layer(norm_first):
     D, H = 16, 4
     ours = CrossBlock(D, H, mlp_ratio=2.0, norm_first=norm_first).eval()
     _randomise(ours)
-    ref = nn.TransformerDecoderLayer(
-        D,
-        H,
-        2 * D,
-        dropout=0.0,
-        activation="gelu",
-        batch_first=True,
-        norm_first=norm_first,
-        layer_norm_eps=1e-6,
-    ).eval()
+    ref = _torch_layer(nn.TransformerDecoderLayer, D, H, norm_first)
     with torch.no_grad():
         _copy_self_attn(ours.attn, ref.self_attn)
         ca = ref.multihead_attn  # queries from x; keys and values from the context, in that order

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import traceback
 import warnings
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist import free_port
 
 from vitlens.analysis import cka_matrix, localization_probes, mean_attention_distance
 from vitlens.analysis.distributed import RankBatches, RankFailedError
@@ -124,12 +124,6 @@ def _timedelta(seconds: float):
     return datetime.timedelta(seconds=seconds)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _context():
     """Fresh processes forked from a server that has imported torch and vitlens once (and run nothing):
     as clean as "spawn", without paying the imports (~10 s on a loaded 2-core machine) per process."""
@@ -140,7 +134,7 @@ def _context():
 
 def _spawn(tmp_path: Path, world_size: int, task: str, n: int, batch_size: int, expect_ok: bool = True):
     ctx = _context()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, task, n, batch_size, str(tmp_path)))
         for r in range(world_size)
@@ -342,7 +336,7 @@ def test_study_analysis_phase_under_two_processes_equals_one(tmp_path):
     shutil.copy(one / "study_config.yaml", two / "study_config.yaml")
     ref = json.loads(json.dumps(analyse(cfg, one, [], log=lambda *_: None)))
 
-    ctx, port = _context(), _free_port()
+    ctx, port = _context(), free_port()
     procs = [
         ctx.Process(target=_study_worker, args=(r, 2, port, str(two), str(tmp_path / "two.json")))
         for r in range(2)

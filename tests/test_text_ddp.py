@@ -4,40 +4,14 @@ model as 1 process with the whole batch (the image task's equivalent is in test_
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from _dist import torchrun
 
 from vitlens.io import load_checkpoint
 from vitlens.train.lm import LMTrainConfig, train_lm
 from vitlens.train.translate import TranslateTrainConfig, train_translate
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(args: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "vitlens",
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _flags(values: dict) -> list[str]:
@@ -102,7 +76,7 @@ def test_lm_two_processes_equal_one(shared_data, tmp_path):
         progress=False,
     )
     train_lm(LMTrainConfig(**values, out=str(tmp_path / "one")))
-    _torchrun(["lm", "train", *_flags(values), "--out", str(tmp_path / "two")])
+    torchrun(["lm", "train", *_flags(values), "--out", str(tmp_path / "two")])
     _assert_same_training(tmp_path / "one", tmp_path / "two", max_lr=3e-3, steps=6)
 
 
@@ -126,6 +100,6 @@ def test_translation_two_processes_equal_one(shared_data, tmp_path):
         progress=False,
     )
     train_translate(TranslateTrainConfig(**values, out=str(tmp_path / "one")))
-    _torchrun(["translate", "train", *_flags(values), "--out", str(tmp_path / "two")])
+    torchrun(["translate", "train", *_flags(values), "--out", str(tmp_path / "two")])
     peak_lr = 0.05 * 32**-0.5 * 2**-0.5  # Noam at the end of warmup: factor * d^-0.5 * warmup^-0.5
     _assert_same_training(tmp_path / "one", tmp_path / "two", max_lr=peak_lr, steps=4)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from _dist import torchrun
 
 from vitlens.cli import main as cli_main
 from vitlens.models.loading import load_run_model
@@ -82,12 +79,6 @@ def test_existing_run_needs_resume_flag(tmp_path):
         train(TrainConfig(**TINY, epochs=1, out=str(out)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_one(tmp_path):
     """2 gloo processes with half the batch each == 1 process with the whole batch (160 images)."""
     args = [
@@ -126,21 +117,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
             }
         )
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "vitlens",
-        *args,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun([*args, "--out", str(tmp_path / "two")], timeout=300)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     # Float sums run in another order across processes. Adam rescales every gradient to unit size, so
     # the key bias (whose true gradient is 0: softmax ignores a constant added to every score) moves

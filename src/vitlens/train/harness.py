@@ -80,15 +80,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None means full fp32. 'auto' takes bf16 where the GPU supports it and fp32 on CPU."""
-    if amp == "fp32":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms, position embeddings and special tokens (timm convention)."""
     decay, no_decay = [], []

@@ -31,7 +31,6 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .harness import (
     Run,
-    autocast_dtype,
     param_groups,
     resolve_device,
     run_seed,
@@ -46,7 +45,6 @@ from .schedule import warmup_cosine
 __all__ = [
     "BEST",
     "LAST",
-    "autocast_dtype",
     "build_train_loader",
     "evaluate",
     "is_finished",
