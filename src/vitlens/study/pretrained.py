@@ -6,7 +6,7 @@ interpolation, mean/std), never CIFAR statistics. Per model, in this order, each
 under ``STUDY_DIR/analysis/`` (a killed study resumes at the first missing file):
 
 * one pass over the image pool: the per-batch Gram matrix of every CKA layer (a few MB) and the
-  top-1 counts when the folder is ImageNet-labelled -> ``grams_<label>_<images>.pt``;
+  top-1 counts when the folder is ImageNet-labelled -> ``grams_<label>_<images>.safetensors``;
 * the mean attention distance of every head (ViTs) -> ``attention_<label>_<images>.json``;
 * the CLS/GAP localization probes -> ``probes_<label>_<images>.json``.
 
@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ..errors import ConfigError, MissingFileError
+from ..io import load_checkpoint, save_checkpoint
 from .config import StudyConfig
 
 PRETRAINED_DEFAULTS = {
@@ -150,7 +151,8 @@ def _analyse_model(spec, pool, to_imagenet, a: dict, analysis_dir: Path, tag: st
 
     stem = _stem(spec, tag)
     files = {k: analysis_dir / f"{k}_{stem}.{ext}"
-             for k, ext in (("grams", "pt"), ("info", "json"), ("attention", "json"), ("probes", "json"))}
+             for k, ext in (("grams", "safetensors"), ("info", "json"), ("attention", "json"),
+                            ("probes", "json"))}
     if all(f.exists() for k, f in files.items() if k != "attention") and (
             files["attention"].exists() or not json.loads(files["info"].read_text())["is_vit"]):
         log(f"{spec.label}: statistics reused")
@@ -166,16 +168,17 @@ def _analyse_model(spec, pool, to_imagenet, a: dict, analysis_dir: Path, tag: st
     loader = lambda lo, hi: DataLoader(torch.utils.data.Subset(data, range(lo, min(hi, n))),  # noqa: E731
                                        batch_size=bs, shuffle=False)
     vit = is_vit(model)
-    log(f"{spec.label}: {spec.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{spec.label}: {spec.model} ({n_params / 1e6:.1f} M parameters, "
         f"{pre['crop']} px, {pre['source']})")
     if files["grams"].exists() and files["info"].exists():
         info = json.loads(files["info"].read_text())
         log("  grams: reused")
     else:
         res = _gram_pass(model, loader(0, n), to_imagenet, a["autocast"])
-        torch.save({"grams": res["grams"], "names": res["names"]}, files["grams"])
+        save_checkpoint(files["grams"], {}, meta={"names": res["names"]}, state={"grams": res["grams"]})
         info = {"label": spec.label, "model": spec.model, "pretrained": meta.get("pretrained", spec.model),
-                "preprocess": pre, "params": sum(p.numel() for p in model.parameters()),
+                "preprocess": pre, "params": n_params,
                 "is_vit": vit, "pool": str(getattr(getattr(model, "cfg", None), "pool", "") or ""),
                 "patch_size": int(model.patch_embed.patch_size[0]) if vit else None,
                 "images": res["images"], "img_per_s": res["images"] / res["seconds"], "top1": res["top1"]}
@@ -209,6 +212,12 @@ def _stem(spec, tag: str) -> str:
 
 
 # ----------------------------------------------------------------------------- CKA from saved Grams
+def _load_grams(path: Path) -> dict:
+    """The per-batch Gram matrices of one model (a safetensors cache: nothing is unpickled)."""
+    _, meta, state = load_checkpoint(path)
+    return {"grams": state["grams"], "names": meta["names"]}
+
+
 def _cka(grams_a: dict, grams_b: dict | None = None) -> tuple[list, list, list]:
     from ..analysis import MinibatchCKA
 
@@ -242,7 +251,7 @@ def pretrained_analysis(cfg: StudyConfig, study_dir: Path, log=print) -> dict:
     infos = {spec.label: _analyse_model(spec, pool, to_imagenet, a, analysis_dir, tag, log)
              for spec in cfg.models}
     stems = {spec.label: _stem(spec, tag) for spec in cfg.models}
-    grams = {label: torch.load(analysis_dir / f"grams_{stems[label]}.pt") for label in infos}
+    grams = {label: _load_grams(analysis_dir / f"grams_{stems[label]}.safetensors") for label in infos}
     vits = [label for label, info in infos.items() if info["is_vit"]]
     within = {}
     for label, g in grams.items():

@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .harness import (
     Run,
+    count_params,
     param_groups,
     resolve_device,
     run_seed,
@@ -240,7 +241,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
     model = create_model(cfg.model, pretrained=cfg.pretrained, **margs).to(device)
     if want_channels_last(cfg.channels_last, model):
         model = model.to(memory_format=torch.channels_last)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_params(model)
     flops = count_flops(model, info.img_size, info.in_chans, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = warmup_cosine(
