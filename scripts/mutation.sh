@@ -15,7 +15,9 @@
 # MUTATION_JOBS (parallel mutants, default 1: the machine may be shared), MUTATION_TESTS (a
 # space-separated test selection in place of pytest_add_cli_args_test_selection), MUTATION_MUTANTS
 # (space-separated globs of mutant names, e.g. 'vitlens.train.harness.x_param_groups__mutmut_*':
-# only those are run; the others are reported as "not checked").
+# only those are run; the others are reported as "not checked"), MUTATION_SAMPLE=N with
+# MUTATION_SEED=S (default 0): run a seeded uniform random sample of N of all the mutants instead
+# (a full run is ~hours on 2 cores; the score of a sample comes with its 95% interval).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,6 +59,21 @@ cd "$WORK"
 export PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 start=$(date +%s)
 set -f  # MUTATION_MUTANTS holds globs for mutmut, not for the shell
+if [ -n "${MUTATION_SAMPLE:-}" ]; then
+    # generate every mutant and the test statistics without running any mutant (a filter that
+    # matches nothing makes mutmut stop after those two steps), then draw the sample by name
+    "$PY" -m mutmut run --max-children "$JOBS" "vitlens_no_such_mutant" >/dev/null 2>&1 || true
+    "$PY" - "$MUTATION_SAMPLE" "${MUTATION_SEED:-0}" > mutation-sample.txt <<'EOF2'
+import json, pathlib, random, sys
+n, seed = int(sys.argv[1]), int(sys.argv[2])
+names = sorted(k for meta in pathlib.Path("mutants").rglob("*.meta")
+               for k in json.load(open(meta))["exit_code_by_key"])
+assert names, "mutmut generated no mutants"
+print("\n".join(random.Random(seed).sample(names, min(n, len(names)))))
+print(len(names), file=open("mutation-population.txt", "w"))
+EOF2
+    MUTATION_MUTANTS=$(tr '\n' ' ' < mutation-sample.txt)
+fi
 # shellcheck disable=SC2086
 "$PY" -m mutmut run --max-children "$JOBS" ${MUTATION_MUTANTS:-} || echo "mutmut run exited with $? (results so far are kept)" >&2
 elapsed=$(( $(date +%s) - start ))
@@ -67,7 +84,7 @@ fi
 COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
 DIRTY=$(git -C "$REPO" status --porcelain -- src 2>/dev/null | head -1)
 "$PY" - "$OUT_JSON" "$OUT_SURVIVORS" "$COMMIT" "${DIRTY:+dirty}" "$elapsed" <<'EOF'
-import collections, datetime, json, subprocess, sys
+import collections, datetime, json, os, subprocess, sys
 out_json, out_surv, commit, dirty, elapsed = sys.argv[1:6]
 res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
                      capture_output=True, text=True, check=True).stdout
@@ -81,13 +98,27 @@ per_module = collections.defaultdict(collections.Counter)
 for name, st in status.items():
     per_module[name.split(".x_")[0].split(".xǁ")[0]][st] += 1
 killed, survived, timeout = counts["killed"], counts["survived"], counts["timeout"]
-tested = killed + survived + timeout + counts["suspicious"]
+# a mutant no selected test even reaches ("no tests") is a bug nothing would notice: it counts
+# against the score like a survivor
+tested = killed + survived + timeout + counts["suspicious"] + counts["no tests"]
 score = round(100 * (killed + timeout) / tested, 1) if tested else None
+interval = None
+if tested:  # Wilson 95% interval: the score of a random sample estimates the score of all mutants
+    p, z = (killed + timeout) / tested, 1.96
+    centre, half = (p + z * z / (2 * tested)), z * (p * (1 - p) / tested + z * z / (4 * tested ** 2)) ** 0.5
+    interval = [round(100 * (centre - half) / (1 + z * z / tested), 1),
+                round(100 * (centre + half) / (1 + z * z / tested), 1)]
+sample = None
+if os.path.exists("mutation-sample.txt") and os.environ.get("MUTATION_SAMPLE"):
+    sample = {"size": int(os.environ["MUTATION_SAMPLE"]), "seed": int(os.environ.get("MUTATION_SEED", "0")),
+              "population": int(open("mutation-population.txt").read())}
 summary = {
     "tool": "mutmut", "killed": killed, "survived": survived, "timeout": timeout,
     "other": {k: v for k, v in counts.items() if k not in ("killed", "survived", "timeout")},
     "score": score,
-    "score_formula": "100 * (killed + timeout) / (killed + survived + timeout + suspicious)",
+    "score_formula": "100 * (killed + timeout) / (killed + survived + timeout + suspicious + no tests)",
+    "score_95_interval": interval,
+    "sample": sample,
     "modules": {m: dict(c) for m, c in sorted(per_module.items())},
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "commit": commit + ("+uncommitted" if dirty else ""),
@@ -97,10 +128,10 @@ json.dump(summary, open(out_json, "w"), indent=2)
 with open(out_surv, "w") as f:
     f.write(f"# mutmut survivors, {summary['date']}, commit {summary['commit']}\n")
     for name, st in sorted(status.items()):
-        if st == "survived":
+        if st in ("survived", "no tests"):
             diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name],
                                   capture_output=True, text=True).stdout
-            f.write(f"\n## {name}\n{diff}\n")
-print(json.dumps({k: summary[k] for k in ("killed", "survived", "timeout", "score", "commit")}))
+            f.write(f"\n## {name} ({st})\n{diff}\n")
+print(json.dumps({k: summary[k] for k in ("killed", "survived", "timeout", "score", "score_95_interval", "commit")}))
 EOF
 echo "mutation run in $WORK: $OUT_JSON, $OUT_SURVIVORS"

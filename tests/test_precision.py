@@ -78,9 +78,10 @@ def test_channels_last_defaults_to_cnns_only():
     assert want_channels_last(True, vit) and not want_channels_last(False, resnet)
 
 
-def test_fused_optimizer_only_on_cuda():
+def test_fused_optimizer_on_cuda_and_cpu():
     assert optimizer_options("cuda") == {"fused": True}
-    assert optimizer_options("cpu") == {}
+    assert optimizer_options("cpu") == {"fused": True}
+    assert optimizer_options("mps") == {}
 
 
 def test_matmul_flops_counts_two_flops_per_multiply_add(monkeypatch):

@@ -221,3 +221,99 @@ def test_the_presets_own_models_on_four_images(hubs, tmp_path):  # noqa: F811
     assert within == {"ViT-CLS": 13, "ViT-1k": 13, "ViT-GAP": 13, "ResNet": 17}
     page = (out / "report.html").read_text()
     assert all(h in page for h in HEADINGS) and "Not measured in this study" not in page
+
+
+@pytest.mark.parametrize("name", ["vit_micro_patch4_32", "resnet8_cifar"])
+def test_one_pass_equals_each_analysis_on_its_own(name):
+    """The study's single forward pass per batch (Grams, attention distance, probes from hooks; batches
+    that straddle the probe train/test and attention boundaries) equals, in fp32, each analysis run
+    on its own: Grams from captured activations in float64, vitlens' mean_attention_distance
+    (float64), and the probes' plain float64 ridge reference on captured tokens."""
+    from test_probes import ridge_probe_reference
+
+    from vitlens.analysis import default_layers, mean_attention_distance
+    from vitlens.analysis.cka import feature_gram
+    from vitlens.analysis.common import image_subset
+    from vitlens.models.hub import eval_transform
+    from vitlens.study.pretrained import _model_pass, _Pixels, _Preprocessed, image_pool
+
+    torch.manual_seed(0)
+    model = vitlens.create_model(name).eval()
+    pre = {"resize": 32, "crop": 32, "interpolation": "bilinear", "mean": [0.5, 0.4, 0.3], "std": [0.2] * 3}
+    pool = image_subset(image_pool("imagefolder", None)[0], 20, seed=0)
+    pixels = _Pixels(pool, pre)
+    a = {"batch_size": 8, "probe_train_images": 10, "probe_test_images": 7, "attention_images": 12,
+         "autocast": "fp32"}
+    res = _model_pass(model, pixels, pre, None, a)
+
+    batches = [pixels.batch(lo, min(lo + 8, 20), pre["mean"], pre["std"]) for lo in range(0, 20, 8)]
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    # the batches are exactly the model's own transform (eval_transform), image by image
+    reference = _Preprocessed(pool, eval_transform(pre))
+    torch.testing.assert_close(images, torch.stack([reference[i][0] for i in range(20)]), rtol=0, atol=0)
+    assert labels.tolist() == [reference[i][1] for i in range(20)]
+    layers = default_layers(model)
+    assert res["names"] == layers and len(res["grams"]) == 3
+    modules, raw = dict(model.named_modules()), {}
+    keep = lambda n: lambda _m, _i, out: raw.__setitem__(n, out.detach().clone())  # noqa: E731
+    hooks = [modules[n].register_forward_hook(keep(n)) for n in layers]
+    try:
+        outputs = []
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+                outputs.append(dict(raw))
+    finally:
+        for h in hooks:
+            h.remove()
+    for b, got in enumerate(res["grams"]):
+        ref = torch.stack([feature_gram(outputs[b][n].flatten(1).double()) for n in layers])
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # probes: fitted on images 0-9 (batch 1 straddles), scored on 10-16; tokens = positions of a map,
+    # or the patch tokens of a sequence ([CLS] dropped after the patch embedding)
+    for layer in layers:
+        out = torch.cat([o[layer] for o in outputs])
+        if out.dim() == 4:
+            tokens = out.flatten(2).transpose(1, 2)
+        else:
+            tokens = out[:, 0 if layer == "patch_embed" else model.num_prefix_tokens :]
+        cls_ref, pos_ref = ridge_probe_reference(tokens[:10], labels[:10], tokens[10:17], labels[10:17])
+        # float32 products (the study's) vs float64 (the reference's): at most one near-tie token flips
+        one_token = 1.0 / (7 * tokens.shape[1]) + 1e-9
+        assert res["probes"][layer]["class_acc"] == pytest.approx(cls_ref.mean(), abs=one_token)
+        assert res["probes"][layer]["position_acc"] == pytest.approx(pos_ref.mean(), abs=one_token)
+    if name.startswith("vit"):  # attention on the first 12 images: batch 1 straddles
+        ref = mean_attention_distance(model, [images[:8], images[8:12]])
+        np.testing.assert_allclose(res["attention"], ref, rtol=1e-5)
+        assert np.asarray(res["attention"]).shape == (4, 4)  # layers x heads
+    else:
+        assert res["attention"] is None
+
+
+def test_the_study_sees_images_through_each_peers_own_transform(hubs):  # noqa: F811
+    """The study's pixels (resize, centre crop, interpolation, mean/std from meta["preprocess"], then
+    one batched normalisation) equal the peers' own eval transforms on a real, non-square image:
+    timm's create_transform(resolve_data_config(model)) (bicubic, crop_pct 0.9) and
+    torchvision's weights.transforms() (bilinear, resize 256, crop 224)."""
+    from timm.data import create_transform, resolve_data_config
+
+    from vitlens.data.catalog import build_dataset
+    from vitlens.study.pretrained import _Pixels
+
+    test = build_dataset("cifar10-mini", "test")
+    pixels = torch.cat([test[0][0], test[1][0]], dim=2)  # two real photos side by side: 32 x 64
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    for name in ("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "deit_tiny_patch16_224.fb_in1k"):
+        fabricate_timm(name, depth=1)
+        _, meta = vitlens.load_model(f"timm:{name}", pretrained=True, depth=1)
+        peer = create_transform(**resolve_data_config({}, model=timm.create_model(name, depth=1)))
+        pre = meta["preprocess"]
+        ours, _ = _Pixels([(image, 0)], pre).batch(0, 1, pre["mean"], pre["std"])
+        torch.testing.assert_close(ours[0], peer(image), rtol=0, atol=1e-6)
+    assert pre["resize"] == 248 and pre["crop"] == 224  # crop_pct 0.9: the centre crop is exercised
+    fabricate_torchvision("resnet18")
+    _, meta = vitlens.load_model("torchvision:resnet18", pretrained=True)
+    peer = torchvision.models.get_model_weights("resnet18")["DEFAULT"].transforms()
+    pre = meta["preprocess"]
+    ours, _ = _Pixels([(image, 0)], pre).batch(0, 1, pre["mean"], pre["std"])
+    torch.testing.assert_close(ours[0], peer(image), rtol=0, atol=1e-6)

@@ -165,3 +165,114 @@ def test_per_position_ridge_equals_one_fit_per_position():
         w1, b1 = one.solve(ridge=1e-2)
         torch.testing.assert_close(w[p], w1, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(b[p], b1, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the fast path vs plain ridge
+def ridge_probe_reference(train_tokens, train_labels, test_tokens, test_labels, ridge=1e-3):
+    """Class and position accuracy maps (N,) of the probes, straight from the definition, numpy float64.
+
+    ``*_tokens`` (images, N, D), ``*_labels`` (images,). Every token is an example: one shared class
+    probe (target: its image's class) and one position probe (target: its index), each a centred
+    ridge regression on one-hot targets with regulariser ``ridge * mean(diag(Xc^T Xc))``, argmax.
+    """
+    train_tokens, test_tokens = np.asarray(train_tokens, np.float64), np.asarray(test_tokens, np.float64)
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    B, N, D = train_tokens.shape
+    x = train_tokens.reshape(B * N, D)
+    xc = x - x.mean(0)
+    gram = xc.T @ xc
+    lam = ridge * np.mean(np.diag(gram))
+    maps = []
+    for targets, truth in (
+        (np.repeat(train_labels, N), np.repeat(test_labels[:, None], N, 1)),
+        (np.tile(np.arange(N), B), np.tile(np.arange(N), (len(test_tokens), 1))),
+    ):
+        y = np.eye(targets.max() + 1)[targets]
+        w = np.linalg.solve(gram + lam * np.eye(D), xc.T @ (y - y.mean(0)))
+        b = y.mean(0) - x.mean(0) @ w
+        pred = (test_tokens @ w + b).argmax(-1)  # (images, N)
+        maps.append((pred == truth).mean(0))
+    return maps
+
+
+class OffsetMap(nn.Module):
+    """A (B, C, H, W) map and a (B, N, D) token layer computed from the input by fixed random maps,
+    on a large common offset (+40, as ReLU maps and residual streams have): class and position are
+    both partly decodable, so neither accuracy is 0 or 1."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, k=K, c=6, hw=(7, 5), d=5):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.hw = hw
+        self.register_buffer("to_map", torch.randn(k + 8, c * hw[0] * hw[1], generator=g))
+        self.register_buffer("where", torch.randn(c, *hw, generator=g))
+        self.register_buffer("to_tokens", torch.randn(k + 8, N * d, generator=g))
+        self.map, self.tokens = nn.Identity(), nn.Identity()
+        self.d = d
+
+    def forward(self, x):
+        B = x.shape[0]
+        self.map((x @ self.to_map).view(B, -1, *self.hw) + 3 * self.where + 40)
+        self.tokens((x @ self.to_tokens).view(B, N, self.d) + torch.linspace(0, 2, N)[:, None] + 40)
+        return x
+
+
+def _noisy_planted(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (n,), generator=g)
+    x = torch.cat([torch.nn.functional.one_hot(y, K).float() * 2, torch.randn(n, 8, generator=g)], 1)
+    return x, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_probes_equal_a_plain_ridge_reference(dtype, monkeypatch):
+    """float32 (shifted float32 products, float64 sums) and float64 tokens, a map of 35 positions
+    scored a few images at a time (chunks forced small): the accuracy maps equal the float64
+    reference's computed from the same tokens."""
+    import vitlens.analysis.probes as probes
+
+    monkeypatch.setattr(probes, "_SCORE_ELEMS", 2 * 35 * 35)  # 2 images' (35, 35) scores at a time
+    monkeypatch.setattr(probes, "_ROWS", 70)  # X^T X from 2 images' tokens at a time
+    model = OffsetMap().to(dtype)
+    (xtr, ytr), (xte, yte) = _noisy_planted(96, 0), _noisy_planted(40, 1)
+    xtr, xte = xtr.to(dtype), xte.to(dtype)
+    res = localization_probes(
+        model, [(xtr[i : i + 32], ytr[i : i + 32]) for i in range(0, 96, 32)],
+        [(xte[i : i + 16], yte[i : i + 16]) for i in range(0, 40, 16)], ["map", "tokens"], max_images=None,
+    )
+    with torch.no_grad():
+        tokens = {}
+        for name, x in (("train", xtr), ("test", xte)):
+            B = x.shape[0]
+            m = ((x @ model.to_map).view(B, -1, 7, 5) + 3 * model.where + 40).permute(0, 2, 3, 1)
+            tokens[name] = (m.reshape(B, 35, -1), (x @ model.to_tokens).view(B, N, 5)
+                            + torch.linspace(0, 2, N, dtype=dtype)[:, None] + 40)
+    for i, layer in enumerate(["map", "tokens"]):
+        cls_ref, pos_ref = ridge_probe_reference(tokens["train"][i], ytr, tokens["test"][i], yte)
+        got = res[layer]
+        assert got["num_positions"] == len(pos_ref) and got["train_tokens"] == 96 * len(pos_ref)
+        np.testing.assert_array_equal(got["class_acc_map"].ravel(), cls_ref)
+        np.testing.assert_array_equal(got["position_acc_map"].ravel(), pos_ref)
+        assert 0.05 < got["class_acc"] < 0.95 and 0.05 < got["position_acc"] < 0.95  # not trivial
+    assert res["map"]["grid_size"] == (7, 5)
+
+
+def test_probe_stream_takes_tokens_from_the_caller():
+    """ProbeStream fed one layer's outputs directly (the study's one forward pass) = localization_probes."""
+    from vitlens.analysis.probes import ProbeStream
+
+    model = OffsetMap()
+    (xtr, ytr), (xte, yte) = _noisy_planted(64, 0), _noisy_planted(24, 1)
+    ref = localization_probes(model, [(xtr, ytr)], [(xte, yte)], ["map"], max_images=None)["map"]
+    stream = ProbeStream(model, ["map"])
+    B = 64
+    out = (xtr @ model.to_map).view(B, -1, 7, 5) + 3 * model.where + 40
+    stream.fit("map", out[:40], ytr[:40])  # in two pieces: statistics add up
+    stream.fit("map", out[40:], ytr[40:])
+    out_test = (xte @ model.to_map).view(24, -1, 7, 5) + 3 * model.where + 40
+    stream.score("map", out_test, yte)  # solves on first use
+    got = stream.results()["map"]
+    np.testing.assert_array_equal(got["position_acc_map"], ref["position_acc_map"])
+    np.testing.assert_array_equal(got["class_acc_map"], ref["class_acc_map"])

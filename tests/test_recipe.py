@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitlens
+from vitlens.errors import TrainingError
 from vitlens.io import load_checkpoint
 from vitlens.train import TrainConfig
 from vitlens.train import trainer as trainer_mod
@@ -256,6 +257,7 @@ def test_learning_rate_of_every_step_follows_the_config(recorded):
 
 
 def test_label_smoothing_is_applied_to_the_mixed_targets(recorded):
+    plain_differs = []
     for rec in recorded["steps"]:
         logits, t = rec["logits"], rec["targets"]
         assert t.shape == logits.shape and torch.allclose(t.sum(-1), torch.ones(len(t)))  # soft targets
@@ -264,7 +266,9 @@ def test_label_smoothing_is_applied_to_the_mixed_targets(recorded):
         uniform = -logp.mean(-1)  # cross-entropy with the uniform distribution over classes
         expected = ((1 - LS) * ce + LS * uniform).mean()
         torch.testing.assert_close(rec["loss"], expected, rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(rec["loss"], ce.mean(), rtol=1e-4)  # and it is not the plain loss
+        plain_differs.append(not torch.allclose(rec["loss"], ce.mean(), rtol=1e-4))
+    # ... and it is not the plain loss (a near-uniform prediction can make one step's two losses agree)
+    assert sum(plain_differs) >= len(plain_differs) - 1
     steps = recorded["steps"]
     assert any(not torch.equal(r["targets"], F.one_hot(r["labels"], 10).float()) for r in steps)
     assert all(not torch.equal(r["images"], r["unmixed"]) for r in steps)  # the images are mixed too
@@ -337,8 +341,12 @@ def test_a_diverging_run_stops_with_the_step_and_the_fix(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(trainer_mod, "create_model", nan_model)
-    with pytest.raises(FloatingPointError, match=r"loss became nan at epoch 1; lower --lr or use --amp fp32"):
+    msg = r"^training diverged: the loss became NaN at step 1 \(epoch 1\); lower --lr or use --amp fp32$"
+    with pytest.raises(TrainingError, match=msg):
         trainer_mod.train(TrainConfig(**RECIPE, out=str(tmp_path / "run")))
+    # without gradient clipping the fix says to turn it on
+    with pytest.raises(TrainingError, match=r"at step 1 \(epoch 1\); .*--amp fp32, or clip the gradients"):
+        trainer_mod.train(TrainConfig(**{**RECIPE, "grad_clip": None}, out=str(tmp_path / "run2")))
 
 
 # -- the pieces around the step: evaluation figures, gradient clipping, the translation loss --------
@@ -391,8 +399,11 @@ def test_train_step_clips_the_gradient_norm(scaled):
     # gradient 2w = (6, 8), norm 10 -> clipped to norm 0.5: (0.3, 0.4); SGD lr 1 subtracts it
     torch.testing.assert_close(w.detach(), torch.tensor([2.7, 3.6]))
     assert loss.item() == pytest.approx(25.0)
-    msg = r"loss became nan at t; lower the learning rate or use --amp fp32"
-    with pytest.raises(FloatingPointError, match=msg):
+    # the step is the schedule's count (one step done): this is the second
+    msg = (
+        r"^training diverged: the loss became NaN at step 2 \(t\); lower the learning rate or use --amp fp32$"
+    )
+    with pytest.raises(TrainingError, match=msg):
         train_step(
             run, lambda: (w.sum() * float("nan"), None), opt, sched, params=[w], grad_clip=None, where="t"
         )

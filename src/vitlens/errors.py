@@ -38,5 +38,10 @@ class DeviceError(VitlensError, ValueError):
     """A device that is not there (``--device cuda`` on a machine without one)."""
 
 
+class TrainingError(VitlensError, FloatingPointError):
+    """A run that cannot go on as configured: its loss became NaN or infinite (too high a learning
+    rate, fp16 overflow, no gradient clipping)."""
+
+
 class MissingFileError(VitlensError, FileNotFoundError):
     """A file or folder the user named does not exist."""

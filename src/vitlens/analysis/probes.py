@@ -20,6 +20,17 @@ statistics are kept (``X^T X``, ``X^T Y``, sums), so memory is O(D^2 + D (classe
 per layer, independent of the number of images; ``max_images`` (default 1024 per split)
 bounds the compute. The regulariser is ``ridge * mean(diag(X^T X))`` (scale-free).
 
+Precision and speed. Tokens keep their precision: float64 tokens are fitted and scored in float64;
+anything else (a float32 or bf16 model) in float32, which is ~3x faster on a CPU. The float32 path
+loses nothing that matters: every layer's tokens are shifted by a fixed reference (their mean over
+the first batch) before the products, so ``X^T X`` holds centred-scale numbers rather than a large
+common offset that cancels later (ReLU maps, residual streams), and each batch's products are added
+to float64 sums. Only the sums the fits need are formed: the class probe's ``X^T Y`` from per-image
+token sums, the position probe's from per-position sums, never a per-token one-hot matrix; scores
+are formed a few images at a time, so a ResNet's 56x56 map (3,136 positions) never builds a
+(batch, 3136, 3136) tensor. :class:`ProbeStream` takes the tokens from the caller, so one forward
+pass can feed the probes and other analyses at once (the pretrained study does).
+
 CNN maps larger than ``grid`` are average-pooled to it (e.g. ``grid=8`` to match a patch-4
 ViT on 32 px images) so both models have comparable token counts; smaller maps keep their size.
 """
@@ -35,7 +46,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..utils import eval_mode, to_2tuple
-from .capture import ActivationCapture, default_layers, layer_prefix_tokens
+from .capture import ActivationCapture, _shares_storage, default_layers, layer_prefix_tokens
 from .common import patch_grid
 from .distributed import RankBatches, max_across_ranks, sum_across_ranks, world
 
@@ -67,15 +78,28 @@ class _TokenGrid:
         )
 
 
+_ROWS = 8192  # tokens per float32 product X^T X added to the float64 sums
+_SCORE_ELEMS = 1 << 22  # (image, token, class) scores formed at a time: 16 MB in float32
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 tokens stay float64 (reference numbers); float32/bf16/fp16 tokens are fitted in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class _RidgeStats:
-    """Streaming sufficient statistics of a least-squares fit of one-hot targets on features."""
+    """Streaming sufficient statistics of a least-squares fit of one-hot targets on features.
+
+    With ``shift`` set, the sums are those of ``x - shift`` (see the module doc); the fit is the same.
+    """
 
     sx: torch.Tensor  # (D,)
     sxx: torch.Tensor  # (D, D)
     sxy: torch.Tensor  # (D, K)
     sy: torch.Tensor  # (K,)
     n: int = 0
+    shift: torch.Tensor | None = None  # (D,) float64
 
     @classmethod
     def empty(cls, dim: int, k: int, device) -> _RidgeStats:
@@ -91,6 +115,8 @@ class _RidgeStats:
 
     def update(self, x: torch.Tensor, y: torch.Tensor, xx: torch.Tensor | None = None) -> None:
         """x (M, D) float64, y (M,) int labels; ``xx`` lets two fits on the same x share X^T X."""
+        if self.shift is not None:
+            x = x - self.shift
         self.grow(int(y.max()) + 1)
         self.sx += x.sum(0)
         self.sxx += x.T @ x if xx is None else xx
@@ -98,14 +124,30 @@ class _RidgeStats:
         self.sy += torch.bincount(y, minlength=self.sy.shape[0]).double()
         self.n += x.shape[0]
 
+    def reshift(self, shift: torch.Tensor | None) -> None:
+        """The same statistics as sums of ``x - shift`` (None: of x itself); exact in float64."""
+        if self.n == 0:  # nothing summed yet: only the reference changes
+            self.shift = None if shift is None else shift.to(self.sx)
+            return
+        old = torch.zeros_like(self.sx) if self.shift is None else self.shift
+        delta = (torch.zeros_like(self.sx) if shift is None else shift.to(self.sx)) - old
+        # out of place: the class and position fits of one layer may share one X^T X tensor
+        outer = torch.outer(delta, self.sx)
+        self.sxx = self.sxx + self.n * torch.outer(delta, delta) - outer - outer.T
+        self.sxy = self.sxy - torch.outer(delta, self.sy)
+        self.sx = self.sx - self.n * delta
+        self.shift = None if shift is None else shift.to(self.sx)
+
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W (D, K), b (K,)) of the centred ridge fit ``y ~ x W + b``."""
+        """(W (D, K), b (K,)) of the centred ridge fit ``y ~ x W + b`` (for x itself, not ``x - shift``)."""
         mu, ybar = self.sx / self.n, self.sy / self.n
         sxx = self.sxx - self.n * torch.outer(mu, mu)
         sxy = self.sxy - self.n * torch.outer(mu, ybar)
         lam = ridge * sxx.diagonal().mean().clamp_min(1e-12)
         eye = torch.eye(sxx.shape[0], dtype=sxx.dtype, device=sxx.device)
         w = torch.linalg.solve(sxx + lam * eye, sxy)
+        if self.shift is not None:
+            mu = mu + self.shift
         return w, ybar - mu @ w
 
 
@@ -113,7 +155,7 @@ class _PerPositionRidgeStats(_RidgeStats):
     """:class:`_RidgeStats` for N positions at once: one ridge fit of one-hot labels per position.
 
     Shapes gain a leading position axis: sx (N, D), sxx (N, D, D), sxy (N, D, K); sy (K,) is
-    shared, since every position sees the same images and so the same labels.
+    shared, since every position sees the same images and so the same labels. Always float64, unshifted.
     """
 
     @classmethod
@@ -132,6 +174,9 @@ class _PerPositionRidgeStats(_RidgeStats):
         self.sy += onehot.sum(0)
         self.n += t.shape[0]
 
+    def reshift(self, shift) -> None:  # never shifted
+        pass
+
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(W (N, D, K), b (N, K)): per position, the centred ridge fit of :meth:`_RidgeStats.solve`."""
         mu, ybar = self.sx / self.n, self.sy / self.n  # (N, D), (K,)
@@ -144,7 +189,7 @@ class _PerPositionRidgeStats(_RidgeStats):
 
 
 class _TokenReader:
-    """The capture ``transform``: a layer's flattened tokens -> (B, N, D) float64, prefix tokens dropped.
+    """A layer's flattened tokens -> (B, N, D), prefix tokens dropped; float64 stays, the rest float32.
 
     Also remembers each layer's token grid: a CNN map's own (pooled) size; for a token sequence
     the model's patch grid when the count matches (a ViT), else one row of N tokens.
@@ -164,7 +209,7 @@ class _TokenReader:
             mg = self.model_grid
             g = mg if mg and mg[0] * mg[1] == t.shape[1] else (1, t.shape[1])
         self.grids[name] = tuple(g)
-        return t.double()
+        return t.to(_work_dtype(t))
 
 
 def _labelled(batches: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,7 +230,7 @@ def _stats_tensors(st: _RidgeStats) -> list[torch.Tensor]:
 
 
 class _ProbeStats:
-    """Pass 1: per layer, the ridge statistics of the class probe and of the position probe."""
+    """Per layer, the ridge statistics of the class probe and of the position probe."""
 
     def __init__(self, per_position: bool, device) -> None:
         self.per_position, self.device = per_position, device
@@ -201,20 +246,64 @@ class _ProbeStats:
         self.pos[name] = _RidgeStats.empty(dim, positions, self.device)
 
     def update(self, name: str, t: torch.Tensor, labels: torch.Tensor) -> None:
-        """t (B, N, D) float64 tokens of one layer, labels (B,)."""
+        """t (B, N, D) tokens of one layer (float64, or float32: see the module doc), labels (B,).
+
+        Every token is an example: of its position for the position probe, of its image's class
+        for the shared class probe; the two fits share X^T X and the token sums.
+        """
         B, N, D = t.shape
         if name not in self.cls:
             self._create(name, N, D)
-        x = t.reshape(B * N, D)
-        xx = x.T @ x
+        pos, cls = self.pos[name], self.cls[name]
+        if pos.shift is None:  # the first batch's mean: later sums stay at the centred scale
+            shift = t.float().mean((0, 1)).to(self.device, torch.float64)
+            pos.reshift(shift)
+            cls.reshift(shift)  # (the per-position fits are never shifted)
         if self.per_position:
-            self.cls[name].update(t, labels)
-        else:  # every token of every image is an example, labelled with its image's class
-            self.cls[name].update(x, labels.repeat_interleave(N), xx)
-        self.pos[name].update(x, torch.arange(N, device=self.device).repeat(B), xx)
+            cls.update(t.double(), labels)
+        wd = _work_dtype(t)
+        shift = pos.shift.to(wd)
+        per_image = torch.zeros(B, D, dtype=torch.float64, device=self.device)
+        per_position = torch.zeros(N, D, dtype=torch.float64, device=self.device)
+        step = max(1, _ROWS // N)
+        for i in range(0, B, step):
+            x = t[i : i + step] - shift  # (b, N, D) in the work dtype, a fresh tensor
+            flat = x.view(-1, D)
+            pos.sxx += (flat.T @ flat).double()
+            per_image[i : i + step] = x.sum(1)  # float32 sums are pairwise: accurate, and fast
+            per_position += x.sum(0)
+        sx = per_position.sum(0)
+        pos.sx += sx
+        pos.sxy += per_position.T  # position n's column: the sum of the tokens at n
+        pos.sy += B
+        pos.n += B * N
+        if not self.per_position:  # class k's column: the tokens of the images of class k
+            cls.grow(int(labels.max()) + 1)
+            onehot = F.one_hot(labels, cls.sy.shape[0]).double()
+            cls.sx += sx
+            cls.sxx = pos.sxx  # the same tokens: one X^T X serves both fits
+            cls.sxy += per_image.T @ onehot
+            cls.sy += N * onehot.sum(0)
+            cls.n += B * N
+
+    def solve(self, name: str, ridge: float) -> tuple:
+        """((W, b) of the class probe, (W, b) of the position probe) of one layer."""
+        cls, pos = self.cls[name], self.pos[name]
+        if self.per_position or cls.sxx is not pos.sxx:
+            return cls.solve(ridge), pos.solve(ridge)
+        # The shared class probe has the position probe's examples (every token), so the same
+        # regularised X^T X: one solve with both right-hand sides, as two _RidgeStats.solve would give.
+        both = _RidgeStats(pos.sx, pos.sxx, torch.cat([cls.sxy, pos.sxy], 1), torch.cat([cls.sy, pos.sy]),
+                           pos.n, pos.shift)
+        w, b = both.solve(ridge)
+        k = cls.sy.shape[0]
+        return (w[:, :k], b[:k]), (w[:, k:], b[k:])
 
     def sum_across_ranks(self, layers: list[str], reader: _TokenReader) -> None:
-        """Agree on every layer's shapes (a rank may have seen no batch), then add all statistics at once."""
+        """Agree on every layer's shapes (a rank may have seen no batch), then add all statistics at once.
+
+        Each rank's statistics are unshifted first (shifts differ by rank), then shifted by the global mean.
+        """
         shapes = []
         for n in layers:
             st, g = self.pos.get(n), reader.grids.get(n, (0, 0))
@@ -229,59 +318,162 @@ class _ProbeStats:
                 reader.grids[n] = (gh, gw)
             self.cls[n].grow(classes)
         stats = [st for n in layers for st in (self.cls[n], self.pos[n])]
+        for st in stats:
+            st.reshift(None)
         summed = sum_across_ranks([t for st in stats for t in _stats_tensors(st)], "probe statistics")
         for k, st in enumerate(stats):
             st.sx, st.sxx, st.sxy, st.sy, n = summed[5 * k : 5 * k + 5]
             st.n = int(n.item())
+        for n in layers:
+            mean = self.pos[n].sx / max(self.pos[n].n, 1)
+            self.pos[n].reshift(mean)
+            self.cls[n].reshift(mean)
 
 
-def _fit(
-    cap: ActivationCapture, data, stats: _ProbeStats, reader: _TokenReader, *, device, max_images, progress
-):
-    """Pass 1 over the train split: the probes' sufficient statistics, summed over ranks, solved."""
-    for images, labels in _labelled(
-        RankBatches(data, max_images=max_images, progress=progress, desc="probes: train")
-    ):
-        labels = labels.to(stats.device)
-        for name, t in cap.run(images.to(device)).items():
-            stats.update(name, t.to(stats.device), labels)
-    if world()[1] > 1:
-        stats.sum_across_ranks(cap.layers, reader)
-    elif not stats.cls:
-        raise DataError("no images to fit probes on; the data iterable is empty")
+class ProbeStream:
+    """:func:`localization_probes` fed by the caller, so one forward pass can serve several analyses.
 
+    ``fit(layer, output, labels)`` with each train batch's layer output ((B, N, D) tokens or
+    (B, C, H, W) maps, as the module returned it), ``solve(layer)`` once the train images are
+    in, ``score(layer, output, labels)`` with the test batches, then ``results()`` (the
+    dictionary :func:`localization_probes` returns). Tokens are read exactly as there: maps
+    pooled to ``grid`` if larger, prefix tokens dropped.
+    """
 
-def _score(cap: ActivationCapture, data, fits: dict, stats: _ProbeStats, *, device, max_images, progress):
-    """Pass 2 over the test split: per layer, correct class and position predictions per position."""
-    dev, per_position = stats.device, stats.per_position
-    correct_cls = {
-        n: torch.zeros(stats.pos[n].sy.shape[0], dtype=torch.float64, device=dev) for n in cap.layers
-    }
-    correct_pos = {n: torch.zeros_like(c) for n, c in correct_cls.items()}
-    count = 0
-    for images, labels in _labelled(
-        RankBatches(data, max_images=max_images, progress=progress, desc="probes: test")
-    ):
-        labels = labels.to(dev)
-        for name, t in cap.run(images.to(device)).items():
-            t = t.to(dev)  # (B, N, D)
-            (wc, bc), (wp, bp) = fits[name]
-            pos = torch.arange(t.shape[1], device=dev)
-            # (B, N, K) class scores: one probe for all positions, or each position's own
-            scores = torch.einsum("bnd,ndk->bnk", t, wc) + bc if per_position else t @ wc + bc
-            correct_cls[name] += (scores.argmax(-1) == labels[:, None]).sum(0).double()
-            correct_pos[name] += ((t @ wp + bp).argmax(-1) == pos).sum(0).double()
-        count += images.shape[0]
-    if world()[1] > 1:
-        n = len(cap.layers)
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        *,
+        grid: int | tuple[int, int] | None = None,
+        ridge: float = 1e-3,
+        class_probe: str = "shared",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if class_probe not in ("shared", "per_position"):
+            raise ConfigError(f"class_probe must be 'shared' or 'per_position', got {class_probe!r}")
+        self.layers, self.ridge, self.class_probe = list(layers), ridge, class_probe
+        self.reader = _TokenReader(model, self.layers, grid)
+        self.stats = _ProbeStats(class_probe == "per_position", device)
+        self.fits: dict[str, tuple] = {}
+        self._scorers: dict[str, tuple] = {}
+        self.correct_cls: dict[str, torch.Tensor] = {}
+        self.correct_pos: dict[str, torch.Tensor] = {}
+        self.scored: dict[str, int] = {}
+
+    def tokens(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """A layer's output -> (B, N, D) probe tokens (a view where possible: use it before the next op)."""
+        return self.reader(name, self.reader.policy(output))
+
+    def fit(self, name: str, output: torch.Tensor, labels: torch.Tensor) -> None:
+        self.fit_tokens(name, self.tokens(name, output), labels)
+
+    def fit_tokens(self, name: str, t: torch.Tensor, labels: torch.Tensor) -> None:
+        dev = self.stats.device
+        self.stats.update(name, t.to(dev), torch.as_tensor(labels).to(dev))
+
+    def solve(self, name: str | None = None) -> None:
+        """Solve the fits of ``name`` (every layer by default) from the train statistics so far."""
+        for n in self.layers if name is None else [name]:
+            if n not in self.stats.pos:
+                raise DataError("no images to fit probes on; the data iterable is empty")
+            self.fits[n] = self.stats.solve(n, self.ridge)
+            self._scorers.pop(n, None)
+
+    def score(self, name: str, output: torch.Tensor, labels: torch.Tensor) -> None:
+        self.score_tokens(name, self.tokens(name, output), labels)
+
+    def _scorer(self, name: str, wd: torch.dtype) -> tuple:
+        """Weights for scoring tokens shifted like the fit's: x W + b = (x - shift) W + (b + shift W)."""
+        key = (name, wd)
+        if key not in self._scorers:
+            (wc, bc), (wp, bp) = self.fits[name]
+            shift = self.stats.pos[name].shift
+            if not self.stats.per_position:  # per-position fits score the raw tokens in float64
+                wc, bc = wc.to(wd), (bc + shift @ wc).to(wd)
+            self._scorers[key] = (shift.to(wd), wc, bc, wp.to(wd), (bp + shift @ wp).to(wd))
+        return self._scorers[key]
+
+    def score_tokens(self, name: str, t: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one test batch's correct class and position predictions, per position."""
+        if name not in self.fits:
+            self.solve(name)
+        dev = self.stats.device
+        t, labels = t.to(dev), torch.as_tensor(labels).to(dev)
+        B, N, D = t.shape
+        wd = _work_dtype(t)
+        shift, wc, bc, wp, bp = self._scorer(name, wd)
+        if name not in self.correct_cls:
+            self.correct_cls[name] = torch.zeros(N, dtype=torch.float64, device=dev)
+            self.correct_pos[name] = torch.zeros(N, dtype=torch.float64, device=dev)
+            self.scored[name] = 0
+        own = torch.arange(N, device=dev)
+        step = max(1, _SCORE_ELEMS // (N * N))  # images whose (N, N) position scores are formed at once
+        for i in range(0, B, step):
+            x, y = t[i : i + step], labels[i : i + step]
+            if self.stats.per_position:  # each position its own probe, on the raw tokens, float64
+                scores = torch.einsum("bnd,ndk->bnk", x.double(), wc) + bc
+            else:
+                x = x - shift
+                scores = torch.baddbmm(bc, x, wc.expand(x.shape[0], -1, -1))
+            self.correct_cls[name] += (scores.argmax(-1) == y[:, None]).sum(0).double()
+            if self.stats.per_position:
+                x = x - shift
+            scores = torch.baddbmm(bp, x, wp.expand(x.shape[0], -1, -1))  # (b, N, N), bias fused
+            self.correct_pos[name] += (scores.argmax(-1) == own).sum(0).double()
+        self.scored[name] += B
+
+    def sum_scores_across_ranks(self) -> None:
+        n = len(self.layers)
+        for name in self.layers:  # a rank that scored nothing adds zeros of the right shape
+            if name not in self.correct_cls:
+                g = self.reader.grids[name]
+                z = torch.zeros(g[0] * g[1], dtype=torch.float64, device=self.stats.device)
+                self.correct_cls[name], self.correct_pos[name], self.scored[name] = z, z.clone(), 0
+        counts = torch.tensor([float(self.scored[name]) for name in self.layers])
         summed = sum_across_ranks(
-            [*correct_cls.values(), *correct_pos.values(), torch.tensor([float(count)])], "probe accuracies"
+            [*map(self.correct_cls.get, self.layers), *map(self.correct_pos.get, self.layers), counts],
+            "probe accuracies",
         )
-        correct_cls, correct_pos = dict(zip(cap.layers, summed[:n])), dict(zip(cap.layers, summed[n : 2 * n]))
-        count = int(summed[-1].item())
-    if count == 0:
-        raise DataError("no test images to score the probes on; the test data iterable is empty")
-    return correct_cls, correct_pos, count
+        self.correct_cls = dict(zip(self.layers, summed[:n]))
+        self.correct_pos = dict(zip(self.layers, summed[n : 2 * n]))
+        self.scored = {k: int(c) for k, c in zip(self.layers, summed[-1].tolist())}
+
+    def results(self) -> dict[str, dict]:
+        """``{layer: {"class_acc", "position_acc", ...}}``: see :func:`localization_probes`."""
+        results = {}
+        for name in self.layers:
+            count = self.scored.get(name, 0)
+            if count == 0:
+                raise DataError("no test images to score the probes on; the test data iterable is empty")
+            g = self.reader.grids[name]
+            cmap = (self.correct_cls[name] / count).view(*g).cpu().numpy()
+            pmap = (self.correct_pos[name] / count).view(*g).cpu().numpy()
+            k, npos = self.stats.cls[name].sy.shape[0], g[0] * g[1]
+            results[name] = {
+                "class_acc": float(cmap.mean()),
+                "position_acc": float(pmap.mean()),
+                "class_acc_map": cmap,
+                "position_acc_map": pmap,
+                "grid_size": tuple(g),
+                "num_positions": npos,
+                "num_classes": k,
+                "chance_class": 1.0 / k,
+                "chance_position": 1.0 / npos,
+                "train_tokens": self.stats.pos[name].n,
+                "class_probe": self.class_probe,
+            }
+        return results
+
+
+def _pass(cap: ActivationCapture, data, feed, *, device, max_images, progress, desc) -> bool:
+    """One pass over ``data``: every batch's layer tokens to ``feed(name, tokens, labels)``; any batch?"""
+    seen = False
+    for images, labels in _labelled(RankBatches(data, max_images=max_images, progress=progress, desc=desc)):
+        for name, t in cap.run(images.to(device)).items():
+            feed(name, t, labels)
+        seen = True
+    return seen
 
 
 @torch.no_grad()
@@ -307,6 +499,7 @@ def localization_probes(
     (h, w), "grid_size", "num_positions", "num_classes", "chance_class", "chance_position",
     "train_tokens", "class_probe"}}`` with accuracies in [0, 1]. ``class_probe``: ``"shared"`` (one
     class probe for all positions) or ``"per_position"`` (one per position; see the module doc).
+    :class:`ProbeStream` computes the same from tokens the caller supplies.
 
     Under an initialised ``torch.distributed`` process group each rank takes every W-th batch of
     each split; the ridge statistics, then the correct counts, are added across ranks once per
@@ -315,37 +508,34 @@ def localization_probes(
     if class_probe not in ("shared", "per_position"):
         raise ConfigError(f"class_probe must be 'shared' or 'per_position', got {class_probe!r}")
     layers = default_layers(model) if layers is None else list(layers)
-    reader = _TokenReader(model, layers, grid)
-    stats = _ProbeStats(
-        class_probe == "per_position", "cpu" if torch.device(device).type == "mps" else device
+    stream = ProbeStream(
+        model,
+        layers,
+        grid=grid,
+        ridge=ridge,
+        class_probe=class_probe,
+        device="cpu" if torch.device(device).type == "mps" else device,
     )
+    reader = stream.reader
     passes = {"device": device, "max_images": max_images, "progress": progress}
+
+    def tokens(name: str, flat: torch.Tensor) -> torch.Tensor:
+        t = reader(name, flat)  # copied: a later in-place op of the forward must not change it
+        return t.clone() if _shares_storage(t, flat) else t
+
+    distributed = world()[1] > 1
     with (
         eval_mode(model),
-        ActivationCapture(model, layers, token_policy=reader.policy, transform=reader) as cap,
+        ActivationCapture(model, layers, token_policy=reader.policy, transform=tokens) as cap,
     ):
         model.to(device)
-        _fit(cap, train_data, stats, reader, **passes)
-        fits = {n: (stats.cls[n].solve(ridge), stats.pos[n].solve(ridge)) for n in layers}
-        correct_cls, correct_pos, count = _score(cap, test_data, fits, stats, **passes)
-
-    results = {}
-    for name in layers:
-        g = reader.grids[name]
-        cmap = (correct_cls[name] / count).view(*g).cpu().numpy()
-        pmap = (correct_pos[name] / count).view(*g).cpu().numpy()
-        k, npos = stats.cls[name].sy.shape[0], g[0] * g[1]
-        results[name] = {
-            "class_acc": float(cmap.mean()),
-            "position_acc": float(pmap.mean()),
-            "class_acc_map": cmap,
-            "position_acc_map": pmap,
-            "grid_size": tuple(g),
-            "num_positions": npos,
-            "num_classes": k,
-            "chance_class": 1.0 / k,
-            "chance_position": 1.0 / npos,
-            "train_tokens": stats.pos[name].n,
-            "class_probe": class_probe,
-        }
-    return results
+        seen = _pass(cap, train_data, stream.fit_tokens, desc="probes: train", **passes)
+        if distributed:
+            stream.stats.sum_across_ranks(layers, reader)
+        elif not seen:
+            raise DataError("no images to fit probes on; the data iterable is empty")
+        stream.solve()
+        _pass(cap, test_data, stream.score_tokens, desc="probes: test", **passes)
+    if distributed:
+        stream.sum_scores_across_ranks()
+    return stream.results()

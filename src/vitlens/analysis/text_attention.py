@@ -158,10 +158,10 @@ def _axis_labels(report: dict, name: str) -> tuple[list[str], list[str]]:
 def plot_text_attention(report: dict, layer: int | str, path: str, max_heads: int = 8) -> None:
     """A row of per-head heatmaps (query rows, key columns) with the tokens on the axes; takes the
     output of :func:`text_attention_report` or :func:`translation_attention_report`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API on an Agg canvas, as in vitlens.analysis.plots: pyplot plus
+    # matplotlib.use("Agg") would switch the global backend of a notebook that calls this.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     name = report["layers"][layer] if isinstance(layer, int) else layer
     if name not in report["maps"]:
@@ -169,7 +169,9 @@ def plot_text_attention(report: dict, layer: int | str, path: str, max_heads: in
     maps = report["maps"][name][:max_heads]
     q_labels, k_labels = ([repr(t)[1:-1] for t in labels] for labels in _axis_labels(report, name))
     H = maps.shape[0]
-    fig, axes = plt.subplots(1, H, figsize=(3.2 * H, 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * H, 3.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, H, squeeze=False)
     show_labels = max(len(q_labels), len(k_labels)) <= 64
     for h, ax in enumerate(axes[0]):
         ax.imshow(maps[h], cmap="viridis", vmin=0.0)
@@ -181,7 +183,6 @@ def plot_text_attention(report: dict, layer: int | str, path: str, max_heads: in
             ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 __all__ = [

@@ -140,6 +140,19 @@ def _load(spec: str, args, model_name: str | None = None, checkpoint: str | None
             which=args.which,
             pretrained=args.pretrained and not Path(spec).exists(),  # a run or file brings its own weights
         )
+    if meta.get("task"):  # image classifiers record none; the text tasks (causal_lm, translation...) do
+        from ..errors import ModelError
+
+        text_view = (
+            "`vitlens translate RUN SENTENCE --attention OUT.png`"
+            if meta["task"] == "translation"
+            else "`vitlens lm attention RUN TEXT`"
+        )
+        raise ModelError(
+            f"{spec} is a {meta['task']} run, not an image model: `vitlens {args.command}` analyses image "
+            f"models (ViT, ResNet) on images; pass image runs or model names, or use {text_view} for the "
+            "attention of a text model"
+        )
     return model, meta["label"], {**meta, "seed": args.seed + position}
 
 
@@ -303,6 +316,12 @@ def run_probe(args) -> int:
     from ..analysis.plots import plot_probe_accuracy
     from ..analysis.probes import localization_probes
 
+    if args.grid is not None and args.grid < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"--grid must be a positive number of tokens per side, got {args.grid}; e.g. --grid 8"
+        )
     results, class_acc, pos_acc = {}, {}, {}
     options = {"grid": args.grid, "ridge": args.ridge, "max_images": args.max_images}
     with _processes(args) as device:

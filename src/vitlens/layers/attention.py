@@ -12,28 +12,26 @@ every ordinary forward pass, keeps the fused kernel.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ModelError
 from .hooks import HookPoint
 
-# Below this many keys, CPU training in bf16/fp16 uses SDPA's math backend: PyTorch's CPU
-# flash-attention *backward* is 1.5-2.5x slower than the math backend for short sequences in
-# reduced precision (ViT-Tiny at 65 tokens: whole training step ~1.4x faster; torch 2.14,
-# benchmarks/RESULTS.md); from ~200 keys flash wins. Inference keeps the flash kernel.
+# Below this many keys, CPU training in bf16/fp16 spells attention out as two matrix products and a
+# softmax, all in the reduced precision (the CPU softmax kernel computes in fp32 inside and rounds
+# once). PyTorch's CPU flash-attention *backward* is 2-5x slower than that for short sequences, and
+# SDPA's math backend first copies q, k, v to fp32 and checks for fully masked rows: a vit_micro
+# training step (65 tokens, bf16) is 1.4-1.6x faster spelt out than on the math backend (torch 2.14,
+# benchmarks/RESULTS.md); from ~200 keys flash wins. Inference and fp32 keep SDPA's kernels.
 CPU_HALF_MATH_MAX_KEYS = 128
 
 
-def _sdpa_backend(q: torch.Tensor, num_keys: int):
-    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
-            and num_keys <= CPU_HALF_MATH_MAX_KEYS):
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+def _explicit_half_attention(q: torch.Tensor, num_keys: int) -> bool:
+    """Whether this call is CPU training in bf16/fp16 at a short length (see CPU_HALF_MATH_MAX_KEYS)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad
+            and num_keys <= CPU_HALF_MATH_MAX_KEYS)
 
 
 def build_attention_mask(
@@ -143,16 +141,19 @@ class Attention(nn.Module):
             L, S, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal, device=x.device
         )
         drop = self.attn_drop if self.training else 0.0
-        if self.record_attn:
-            # Explicit path for analysis: the same maths as the fused kernel, probabilities exposed.
+        if self.record_attn or _explicit_half_attention(q, S):
+            # Spelt out, the same maths as the fused kernel: for analysis (probabilities exposed), and
+            # for CPU training in bf16/fp16 at short lengths (faster there; see CPU_HALF_MATH_MAX_KEYS).
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, L, S)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs = scores.float().softmax(dim=-1).nan_to_num(0.0).to(q.dtype)  # fully masked rows -> 0
-            probs = self.attn_probs(probs)
+            if self.record_attn:
+                probs = scores.float().softmax(dim=-1).nan_to_num(0.0).to(q.dtype)  # fully masked rows -> 0
+                probs = self.attn_probs(probs)
+            else:  # the CPU kernel computes the softmax of bf16/fp16 scores in fp32 and rounds once
+                probs = scores.softmax(dim=-1) if mask is None else scores.softmax(dim=-1).nan_to_num(0.0)
             out = F.dropout(probs, drop, self.training) @ v
         else:
-            with _sdpa_backend(q, S):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, L, C)  # (B, L, nh*hd)
         return self.proj_drop(self.proj(out))

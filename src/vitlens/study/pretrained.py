@@ -2,13 +2,22 @@
 
 Each model of the config is loaded with its pretrained weights (``load_model(spec, pretrained=True)``)
 and sees the same images through its OWN preprocessing (``meta["preprocess"]``: resize, crop,
-interpolation, mean/std), never CIFAR statistics. Per model, in this order, each step cached
-under ``STUDY_DIR/analysis/`` (a killed study resumes at the first missing file):
+interpolation, mean/std), never CIFAR statistics; consecutive models with the same resize and crop
+share the resized images (:class:`_Pixels`). Per model, ONE forward pass per batch over the image
+pool (:func:`_model_pass`) feeds everything, from forward hooks while each layer's output is fresh:
 
-* one pass over the image pool: the per-batch Gram matrix of every CKA layer (a few MB) and the
-  top-1 counts when the folder is ImageNet-labelled -> ``grams_<label>_<images>.safetensors``;
-* the mean attention distance of every head (ViTs) -> ``attention_<label>_<images>.json``;
-* the CLS/GAP localization probes -> ``probes_<label>_<images>.json``.
+* the per-batch Gram matrix of every CKA layer (a few MB) -> ``grams_<label>_<images>.safetensors``;
+* top-1 from the logits when the folder is ImageNet-labelled -> ``info_<label>_<images>.json``;
+* on the first ``attention_images``: the mean attention distance of every head (ViTs)
+  -> ``attention_<label>_<images>.json``;
+* on the next ``probe_train_images`` / ``probe_test_images``: the CLS/GAP localization probes'
+  statistics, then their scores (:class:`~vitlens.analysis.probes.ProbeStream`)
+  -> ``probes_<label>_<images>.json``.
+
+``analysis.autocast`` ``auto`` (default) runs the models in bf16 where the CPU has native bf16
+matrix units, as training does (:func:`vitlens.train.precision.resolve_amp`), and CNNs channels_last;
+the statistics themselves are float32 products summed in float64. A killed study resumes at the
+first model whose files are missing (``info`` is written last).
 
 CKA within a model and across ViT x CNN pairs is then :class:`~vitlens.analysis.MinibatchCKA`
 fed with the saved Grams: every model saw the same images in the same batches, so this is
@@ -25,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ..errors import ConfigError, MissingFileError
@@ -37,7 +47,7 @@ PRETRAINED_DEFAULTS = {
     "probe_train_images": 500,  # probes: the first ones of the pool for fitting ...
     "probe_test_images": 250,  # ... and the ones after them for scoring (disjoint)
     "batch_size": 32,
-    "autocast": "bf16",  # bf16 matmuls on CPUs with AMX/AVX512-BF16; "fp32" for reference-grade numbers
+    "autocast": "auto",  # bf16 where the CPU has AMX/AVX512-BF16, else fp32; "fp32" for reference numbers
 }
 EMBEDDED = "cifar10-mini"
 
@@ -108,46 +118,182 @@ def imagenet_indices(classes: list[str]) -> list[int] | None:
 
 # ----------------------------------------------------------------------------- one model
 def _autocast(kind: str):
-    if kind == "fp32":
-        return torch.autocast("cpu", enabled=False)
-    if kind != "bf16":
-        raise ConfigError(f"analysis.autocast must be 'bf16' or 'fp32', got {kind!r}")
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    """The autocast context for ``analysis.autocast``: ``auto`` is bf16 where the CPU computes it natively
+    (AMX or AVX-512-BF16; see :func:`vitlens.train.precision.resolve_amp`), else fp32."""
+    if kind not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"analysis.autocast must be 'auto', 'bf16' or 'fp32', got {kind!r}")
+    from ..train.precision import resolve_amp
+
+    dtype = resolve_amp(kind, "cpu")
+    return torch.autocast("cpu", enabled=False) if dtype is None else torch.autocast("cpu", dtype=dtype)
 
 
-def _gram_pass(model, loader, to_imagenet: list[int] | None, precision: str) -> dict:
-    """One pass: per-batch Grams of every CKA layer, and top-1 when labels map to ImageNet-1k."""
-    from ..analysis.cka import _LayerPlan
+def _resolved_precision(kind: str) -> str:
+    """``auto`` as what it means on this machine, for the cache tag (bf16 and fp32 numbers differ)."""
+    if kind != "auto":
+        return kind
+    from ..train.precision import resolve_amp
 
-    plan = _LayerPlan.build(model, None, None, None, "flatten")
-    logits = []
-    hook = model.register_forward_hook(lambda m, i, out: logits.append(getattr(out, "logits", out)))
-    grams, correct, seen, t0 = [], 0, 0, time.perf_counter()
-    lookup = torch.tensor(to_imagenet) if to_imagenet is not None else None
-    try:
-        with plan.grams(torch.float32) as grams_of, _autocast(precision):
-            for images, labels in loader:
-                logits.clear()
-                grams.append(grams_of(images)[0].float())
-                out = logits[-1].float()
-                if lookup is not None and out.shape[-1] == 1000:
-                    correct += int((out.argmax(-1) == lookup[labels]).sum())
-                seen += len(images)
-    finally:
-        hook.remove()
-    elapsed = time.perf_counter() - t0
-    measured = lookup is not None and out.shape[-1] == 1000
-    return {"grams": grams, "names": plan.names_a, "images": seen, "seconds": elapsed,
-            "top1": 100.0 * correct / seen if measured else None}
+    return "fp32" if resolve_amp("auto", "cpu", log=lambda _m: None) is None else "bf16"
 
 
-def _analyse_model(spec, pool, to_imagenet, a: dict, analysis_dir: Path, tag: str, log) -> dict:
-    """Load one pretrained model and compute (or reuse) its Grams, attention distances and probes."""
-    from ..analysis import localization_probes, mean_attention_distance
+class _Pixels:
+    """The pool's images resized and centre-cropped by one model's preprocessing, kept as uint8.
+
+    Models with the same resize, crop and interpolation (the two ViT-B/16s) share them: the PIL
+    work is done once. ``batch(lo, hi, mean, std)`` is then exactly ``ToTensor`` + ``Normalize`` of
+    :func:`~vitlens.models.hub.eval_transform`, on a whole batch at once.
+    """
+
+    def __init__(self, pool: Dataset, pre: dict):
+        from torchvision import transforms as T
+
+        interpolation = T.InterpolationMode(pre["interpolation"])
+        resize_crop = T.Compose([T.Resize(pre["resize"], interpolation=interpolation),
+                                 T.CenterCrop(pre["crop"]), T.PILToTensor()])
+        identity = _Preprocessed(pool, resize_crop)
+        loader = DataLoader(identity, batch_size=64, shuffle=False)  # PIL, one image at a time (no way round)
+        images, labels = zip(*loader)
+        self.images, self.labels = torch.cat(images), torch.cat(labels)
+        self.key = self.key_of(pre)
+
+    @staticmethod
+    def key_of(pre: dict) -> tuple:
+        return pre["resize"], pre["crop"], pre["interpolation"]
+
+    def batch(self, lo: int, hi: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[lo:hi].float().div(255)
+        mean, std = torch.as_tensor(mean, dtype=x.dtype), torch.as_tensor(std, dtype=x.dtype)
+        return x.sub_(mean[:, None, None]).div_(std[:, None, None]), self.labels[lo:hi]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A layer output as (B, features) for its Gram matrix, with no copy: a channels_last map is read in
+    its memory order (a Gram matrix does not depend on the order of the features)."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return t.permute(0, 2, 3, 1).flatten(1)
+    return t.flatten(1)
+
+
+class _AttentionDistance:
+    """record_attention's sink: per layer and head, the sum over images and patch queries of the
+    mean attention distance, exactly :func:`vitlens.analysis.mean_attention_distance`'s (prefix
+    tokens dropped, rows renormalised), in float32 with float64 sums."""
+
+    def __init__(self, model: nn.Module):
+        from ..analysis.attention import num_heads, patch_distances, resolve_attention_layers, token_geometry
+
+        self.layers = resolve_attention_layers(model)
+        self.geo = token_geometry(model)
+        self.d = patch_distances(self.geo.grid_size, self.geo.patch_size).float()  # (N, N)
+        self.sums = {n: torch.zeros(num_heads(model, n), dtype=torch.float64) for n in self.layers}
+        self.images, self.take = 0, 0  # images summed; images of the current batch to take
+
+    def __call__(self, name: str, probs: torch.Tensor) -> None:
+        P = self.geo.num_prefix_tokens
+        a = probs[: self.take, :, P:, P:].float()  # (b, H, N, N)
+        per_query = (a * self.d).sum(-1) / a.sum(-1).clamp_min(1e-12)  # (b, H, N)
+        self.sums[name] += per_query.sum((0, 2), dtype=torch.float64)
+
+    def result(self) -> list:
+        patches = self.d.shape[0]
+        return torch.stack([self.sums[n] for n in self.layers]).div(self.images * patches).tolist()
+
+
+def _rows(lo: int, hi: int, start: int, stop: int) -> slice:
+    """The rows of batch [lo, hi) that hold images [start, stop) of the pool (maybe none)."""
+    return slice(min(max(start - lo, 0), hi - lo), min(max(stop - lo, 0), hi - lo))
+
+
+def _model_pass(model, pixels: _Pixels, pre: dict, to_imagenet: list[int] | None, a: dict) -> dict:
+    """ONE forward pass per batch over the pool feeding every statistic of the study.
+
+    Forward hooks on the CKA/probe layers turn each output into its Gram matrix (float32 products,
+    float64 sums) and, for the images of the probe splits, into probe statistics or probe scores,
+    while the output is fresh; the batches of the first ``attention_images`` also record attention
+    (:class:`_AttentionDistance`); the logits give top-1. The batches are the old per-analysis
+    passes' (``batch_size`` from image 0), so the Grams pair up across models for CKA.
+    """
+    from contextlib import nullcontext
+
+    from ..analysis import record_attention
+    from ..analysis.capture import _first_tensor, default_layers
+    from ..analysis.cka import feature_gram
     from ..analysis.common import is_vit
-    from ..models.hub import eval_transform
+    from ..analysis.probes import ProbeStream
+    from ..train.precision import want_channels_last
+
+    n, bs = len(pixels.images), int(a["batch_size"])
+    n_train = min(int(a["probe_train_images"]), (2 * n) // 3)
+    n_test = min(int(a["probe_test_images"]), n - n_train)
+    n_att = min(n, int(a["attention_images"]))
+    layers = default_layers(model)
+    probes = ProbeStream(model, layers)
+    attention = _AttentionDistance(model) if is_vit(model) else None
+    channels_last = want_channels_last(None, model)  # oneDNN's fast bf16 convolutions
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batch_grams: dict[str, torch.Tensor] = {}
+    rows = {}  # this batch's (train slice, test slice) of image rows
+
+    def hook(name):
+        def on_output(_module, _args, output) -> None:
+            out = _first_tensor(output).detach()
+            batch_grams[name] = feature_gram(_flat(out), dtype=torch.float32)
+            train, test, labels = rows["train"], rows["test"], rows["labels"]
+            if train.stop > train.start:
+                probes.fit(name, out[train], labels[train])
+            if test.stop > test.start:
+                probes.score(name, out[test], labels[test])
+        return on_output
+
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    lookup = torch.tensor(to_imagenet) if to_imagenet is not None else None
+    grams, correct, top1_measured, t0 = [], 0, lookup is not None, time.perf_counter()
+    try:
+        with torch.no_grad(), _autocast(a["autocast"]):
+            for lo in range(0, n, bs):
+                hi = min(lo + bs, n)
+                images, labels = pixels.batch(lo, hi, pre["mean"], pre["std"])
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                rows.update(train=_rows(lo, hi, 0, n_train), test=_rows(lo, hi, n_train, n_train + n_test),
+                            labels=labels)
+                recording = attention is not None and lo < n_att
+                with (
+                    record_attention(model, attention.layers, sink=attention) if recording else nullcontext()
+                ):
+                    if recording:
+                        attention.take = min(hi, n_att) - lo
+                    out = model(images)
+                if recording:
+                    attention.images += attention.take
+                grams.append(torch.stack([batch_grams.pop(name) for name in layers]).float())
+                logits = getattr(out, "logits", out).float()
+                top1_measured = top1_measured and logits.shape[-1] == 1000
+                if top1_measured:
+                    correct += int((logits.argmax(-1) == lookup[labels]).sum())
+    finally:
+        for h in handles:
+            h.remove()
+    elapsed = time.perf_counter() - t0
+    probe_res = {layer: {"class_acc": float(v["class_acc"]), "position_acc": float(v["position_acc"])}
+                 for layer, v in probes.results().items()}
+    return {"grams": grams, "names": layers, "images": n, "seconds": elapsed,
+            "top1": 100.0 * correct / n if top1_measured else None,
+            "attention": None if attention is None else attention.result(), "probes": probe_res}
+
+
+def _analyse_model(spec, pool, to_imagenet, a: dict, analysis_dir: Path, tag: str, log,
+                   pixels: list) -> dict:
+    """Load one pretrained model and compute (or reuse) its Grams, top-1, attention distances and probes.
+
+    ``pixels`` holds the last :class:`_Pixels` (one entry), reused by the next model with the same
+    resize and crop.
+    """
+    from ..analysis.common import is_vit
     from ..models.loading import load_model
-    from .run import _cached
 
     stem = _stem(spec, tag)
     files = {k: analysis_dir / f"{k}_{stem}.{ext}"
@@ -157,48 +303,33 @@ def _analyse_model(spec, pool, to_imagenet, a: dict, analysis_dir: Path, tag: st
             files["attention"].exists() or not json.loads(files["info"].read_text())["is_vit"]):
         log(f"{spec.label}: statistics reused")
         return json.loads(files["info"].read_text())
+    t0 = time.perf_counter()
     model, meta = load_model(spec.model, pretrained=True, **spec.model_args)
+    model.eval()
     pre = meta.get("preprocess")
     if not pre:
         raise ConfigError(f"{spec.model} has no preprocessing recorded (is it a pretrained hub model?); "
                           "the pretrained study needs timm:/torchvision:/hf: names loaded with weights")
-    data = _Preprocessed(pool, eval_transform(pre))
-    bs = int(a["batch_size"])
-    n = len(pool)
-    loader = lambda lo, hi: DataLoader(torch.utils.data.Subset(data, range(lo, min(hi, n))),  # noqa: E731
-                                       batch_size=bs, shuffle=False)
     vit = is_vit(model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{spec.label}: {spec.model} ({n_params / 1e6:.1f} M parameters, "
         f"{pre['crop']} px, {pre['source']})")
-    if files["grams"].exists() and files["info"].exists():
-        info = json.loads(files["info"].read_text())
-        log("  grams: reused")
-    else:
-        res = _gram_pass(model, loader(0, n), to_imagenet, a["autocast"])
-        save_checkpoint(files["grams"], {}, meta={"names": res["names"]}, state={"grams": res["grams"]})
-        info = {"label": spec.label, "model": spec.model, "pretrained": meta.get("pretrained", spec.model),
-                "preprocess": pre, "params": n_params,
-                "is_vit": vit, "pool": str(getattr(getattr(model, "cfg", None), "pool", "") or ""),
-                "patch_size": int(model.patch_embed.patch_size[0]) if vit else None,
-                "images": res["images"], "img_per_s": res["images"] / res["seconds"], "top1": res["top1"]}
-        files["info"].write_text(json.dumps(info))
-        log(f"  grams and top-1: {res['seconds']:.1f} s")
-    with _autocast(a["autocast"]):
-        if vit:
-            _cached(files["attention"],
-                    lambda: mean_attention_distance(model, loader(0, int(a["attention_images"])),
-                                                    progress=False).tolist(), log)
-        n_train = min(int(a["probe_train_images"]), (2 * n) // 3)
-        n_test = min(int(a["probe_test_images"]), n - n_train)
-
-        def probes():
-            res = localization_probes(model, loader(0, n_train), loader(n_train, n_train + n_test),
-                                      max_images=None)
-            return {layer: {"class_acc": float(v["class_acc"]), "position_acc": float(v["position_acc"])}
-                    for layer, v in res.items()}
-
-        _cached(files["probes"], probes, log)
+    if not pixels or pixels[0].key != _Pixels.key_of(pre):
+        pixels[:] = []  # free the previous model's images first
+        pixels.append(_Pixels(pool, pre))
+        log(f"  images resized and cropped: {time.perf_counter() - t0:.1f} s (with loading)")
+    res = _model_pass(model, pixels[0], pre, to_imagenet, a)
+    save_checkpoint(files["grams"], {}, meta={"names": res["names"]}, state={"grams": res["grams"]})
+    if vit:
+        files["attention"].write_text(json.dumps(res["attention"]))
+    files["probes"].write_text(json.dumps(res["probes"]))
+    info = {"label": spec.label, "model": spec.model, "pretrained": meta.get("pretrained", spec.model),
+            "preprocess": pre, "params": n_params,
+            "is_vit": vit, "pool": str(getattr(getattr(model, "cfg", None), "pool", "") or ""),
+            "patch_size": int(model.patch_embed.patch_size[0]) if vit else None,
+            "images": res["images"], "img_per_s": res["images"] / res["seconds"], "top1": res["top1"]}
+    files["info"].write_text(json.dumps(info))  # last: its presence says the model is complete
+    log(f"  one pass (Grams, top-1, attention, probes): {res['seconds']:.1f} s")
     return info
 
 
@@ -242,14 +373,18 @@ def pretrained_analysis(cfg: StudyConfig, study_dir: Path, log=print) -> dict:
     pool = image_subset(full, int(a["max_images"]), seed=0)
     # Cached statistics are reused only for the same images, batches and precision (cross-model CKA
     # pairs the models' Grams batch by batch).
-    tag = _short_hash(where, len(full), indices_fingerprint(indices), a["batch_size"], a["autocast"])
+    tag = _short_hash(where, len(full), indices_fingerprint(indices), a["batch_size"],
+                      _resolved_precision(a["autocast"]),
+                      a["attention_images"], a["probe_train_images"], a["probe_test_images"])
     to_imagenet = imagenet_indices(classes)
     analysis_dir = study_dir / "analysis"
     analysis_dir.mkdir(parents=True, exist_ok=True)
     log(f"pretrained study: {len(pool):,} of {len(full):,} images from {where}"
         + ("" if to_imagenet else " (not ImageNet wnid folders: top-1 not measured)"))
-    infos = {spec.label: _analyse_model(spec, pool, to_imagenet, a, analysis_dir, tag, log)
+    pixels: list = []  # one _Pixels at a time, shared by consecutive models with the same crop
+    infos = {spec.label: _analyse_model(spec, pool, to_imagenet, a, analysis_dir, tag, log, pixels)
              for spec in cfg.models}
+    pixels.clear()
     stems = {spec.label: _stem(spec, tag) for spec in cfg.models}
     grams = {label: _load_grams(analysis_dir / f"grams_{stems[label]}.safetensors") for label in infos}
     vits = [label for label, info in infos.items() if info["is_vit"]]

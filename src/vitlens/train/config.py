@@ -45,6 +45,9 @@ class TrainConfig(Config):
     random_erasing: float = 0.0
     # speed and numerics
     amp: str = "auto"  # 'auto' (bf16 where the GPU or CPU has it natively, else fp32) | 'bf16' | ...
+    # torch.compile. Off by default: on the CPU it loses at the Quickstart's run lengths (vit_micro, bf16,
+    # batch 64: ~200 s to the first step, then 1.1x a step; benchmarks/RESULTS.md). Rule: turn it on only for
+    # runs whose steady-state saving exceeds the compile time (long GPU runs).
     compile: bool = False
     ema_decay: float | None = None  # e.g. 0.9999; evaluation then reports the EMA weights too
     num_workers: int = 0

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError, DeviceError, ResumeError
+from ..errors import CheckpointError, ConfigError, DeviceError, ResumeError, TrainingError
 from ..io import load_checkpoint, save_checkpoint
 from ..utils import check_out_folder
 from .distributed import DistInfo, barrier, cleanup, init_distributed
@@ -356,15 +356,20 @@ def train_step(
     params,
     grad_clip: float | None,
     scaler: torch.amp.GradScaler | None = None,
-    where: str,
+    where: str = "",
     fix: str = "lower the learning rate or use --amp fp32",
 ):
     """One optimiser step shared by every task: ``loss, out = forward()`` under autocast, a finite
-    check, zero_grad, backward (fp16 loss scaling), gradient clipping, update, schedule."""
+    check, zero_grad, backward (fp16 loss scaling), gradient clipping, update, schedule.
+
+    A NaN or infinite loss is a :class:`TrainingError` naming the step (the schedule's count,
+    1-based, so it survives a resume), ``where`` (e.g. "epoch 2") and the ``fix``."""
     with run.autocast():
         loss, out = forward()
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at {where}; {fix}")
+        value = "NaN" if torch.isnan(loss) else "infinite"
+        at = f"step {scheduler.last_epoch + 1}" + (f" ({where})" if where else "")
+        raise TrainingError(f"training diverged: the loss became {value} at {at}; {fix}")
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -420,12 +425,13 @@ def run_steps(
     bar = run.progress(total=cfg.max_steps, initial=step, desc=cfg.model)
     record: dict = {}
     tokens_seen, t0 = 0, time.perf_counter()
-    update = dict(params=list(model.parameters()), grad_clip=cfg.grad_clip, scaler=scaler, fix=task.fix)
+    fix = task.fix + ("" if cfg.grad_clip else ", or clip the gradients (--grad-clip 1.0)")
+    update = dict(params=list(model.parameters()), grad_clip=cfg.grad_clip, scaler=scaler, fix=fix)
     while step < cfg.max_steps:
         torch.manual_seed(run_seed(cfg.seed, step, dinfo.rank))  # dropout (and the batch draw)
         batch = task.next_batch(step)
         forward = lambda batch=batch: (task.loss(batch), None)  # noqa: E731
-        loss, _ = train_step(run, forward, optimizer, scheduler, where=f"step {step}", **update)
+        loss, _ = train_step(run, forward, optimizer, scheduler, **update)
         step += 1
         tokens_seen += task.tokens(batch) * dinfo.world_size
         elapsed = time.perf_counter() - t0

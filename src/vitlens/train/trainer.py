@@ -39,7 +39,7 @@ from .harness import (
     start_run,
     train_step,
 )
-from .precision import optimizer_options, want_channels_last
+from .precision import match_param_layout, optimizer_options, want_channels_last
 from .run_folder import BEST, LAST, is_finished, last_record
 from .schedule import warmup_cosine
 
@@ -100,7 +100,7 @@ def model_overrides(
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    fused = optimizer_options(next(model.parameters()).device)  # one kernel for all tensors on CUDA
+    fused = optimizer_options(next(model.parameters()).device)  # one kernel for all tensors
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **fused)
@@ -268,6 +268,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
         "data": cfg.data,
     }
     state = run.restore(model, optimizer, scheduler, scaler)
+    match_param_layout(optimizer)  # contiguous moments from the checkpoint -> the parameters' layout
     if ema is not None and state:
         ema.load_state_dict(state["ema"])
     best_top1, train_time = state.get("best_top1", -1.0), state.get("train_time", 0.0)
@@ -341,14 +342,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
 
 
 def train_epoch(run: Run, step_model, model, loader, optimizer, scheduler, scaler, ema, mixer, epoch: int):
-    """One pass over ``loader``; returns the summed (loss, correct, seen) of this process and the time."""
+    """One pass over ``loader``; returns the summed (loss, correct, seen) of this process and the time.
+
+    The step's loss and correct count stay on the device; they are read once at the end of the epoch
+    (and by the progress bar at most once a second), so a GPU never waits for the host between steps."""
     cfg = run.cfg
-    loss_sum = correct = seen = 0.0
-    t0 = time.perf_counter()
+    channels_last = want_channels_last(cfg.channels_last, model)
+    fix = "lower --lr or use --amp fp32"
+    fix += "" if cfg.grad_clip else ", or clip the gradients (--grad-clip 1.0)"
+    losses, corrects, sizes = [], [], []
+    t0 = shown = time.perf_counter()
     bar = run.progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
     for images, labels in bar:
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-        if want_channels_last(cfg.channels_last, model):
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = labels
         if mixer is not None:
@@ -367,19 +374,35 @@ def train_epoch(run: Run, step_model, model, loader, optimizer, scheduler, scale
             grad_clip=cfg.grad_clip,
             scaler=scaler,
             where=f"epoch {epoch + 1}",
-            fix="lower --lr or use --amp fp32",
+            fix=fix,
         )
         if ema is not None:
             ema.update_parameters(model)
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-        bar.set_postfix(
-            loss=f"{loss_sum / seen:.3f}",
-            img_s=f"{seen * run.dist.world_size / (time.perf_counter() - t0):.0f}",
-            lr=f"{scheduler.get_last_lr()[0]:.2e}",
-        )
-    return (loss_sum, correct, seen), time.perf_counter() - t0
+        losses.append(loss.detach())
+        corrects.append((logits.argmax(1) == labels).sum())
+        sizes.append(len(labels))
+        now = time.perf_counter()
+        if not bar.disable and (now - shown >= 1.0 or len(sizes) == len(loader)):
+            shown = now
+            loss_sum, _, seen = epoch_sums(losses, corrects, sizes)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                img_s=f"{seen * run.dist.world_size / (now - t0):.0f}",
+                lr=f"{scheduler.get_last_lr()[0]:.2e}",
+            )
+    return epoch_sums(losses, corrects, sizes), time.perf_counter() - t0
+
+
+def epoch_sums(losses: list, corrects: list, sizes: list[int]) -> tuple[float, float, float]:
+    """(loss x images, correct, images) summed over the steps so far, in step order: one host read."""
+    loss_sum = correct = seen = 0.0
+    if not sizes:
+        return loss_sum, correct, seen
+    for loss, right, n in zip(torch.stack(losses).tolist(), torch.stack(corrects).tolist(), sizes):
+        loss_sum += loss * n
+        correct += right
+        seen += n
+    return loss_sum, correct, seen
 
 
 def epoch_record(run: Run, epoch: int, steps_per_epoch: int, scheduler, stats, epoch_time: float) -> dict:
