@@ -168,9 +168,10 @@ def _data(args, model, meta: dict):
     from ..data import TransformedDataset, build_data
 
     name = args.data or meta.get("data") or "cifar10-mini"
-    pre = meta.get("preprocess") or {}  # a pretrained model's own normalisation (mean/std)
+    # a hub model (timm:/torchvision:/hf:) sees images through its own resize, crop, interpolation and
+    # mean/std (meta["preprocess"]); a vitlens run at its recorded size
     train_ds, test_ds, info = build_data(
-        name, args.data_dir, img_size=_img_size(model, meta), mean=pre.get("mean"), std=pre.get("std")
+        name, args.data_dir, img_size=_img_size(model, meta), preprocess=meta.get("preprocess")
     )
     train_eval = TransformedDataset(train_ds.base, test_ds.transform)  # no augmentation for analysis
     return train_eval, test_ds, info

@@ -87,13 +87,13 @@ def run_eval(args) -> int:
             else "vitlens lm sample"
         )
         raise ModelError(f"{args.run} is a {meta['task']} run, not an image classifier; try `{verb}`")
-    pre = meta.get("preprocess") or {}  # a pretrained model's own normalisation (mean/std)
+    # a hub model sees images through its own resize, crop, interpolation and mean/std
+    # (meta["preprocess"]); a vitlens run at its recorded size
     _, test_ds, info = build_data(
         args.data or meta.get("data", "cifar10-mini"),
         args.data_dir,
         img_size=meta.get("img_size"),
-        mean=pre.get("mean"),
-        std=pre.get("std"),
+        preprocess=meta.get("preprocess"),
     )
     check_classes(meta.get("classes"), info.classes, allow=args.allow_class_mismatch)
     result = evaluate(model.to(device), test_ds, batch_size=args.batch_size, device=device, progress=True)

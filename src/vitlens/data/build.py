@@ -10,6 +10,7 @@ from torch.utils.data import Subset
 from ..errors import DataError
 from .catalog import build_dataset
 from .datasets import TensorImageDataset, TransformedDataset
+from .preprocess import check_preprocess, eval_transform
 from .subset import nested_fraction_indices
 from .transforms import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD, build_transforms
 
@@ -54,6 +55,7 @@ def build_data(
     download: bool = False,
     on_corrupt: str = "warn",
     cache_dir=None,
+    preprocess: dict | None = None,
 ) -> tuple[TransformedDataset, TransformedDataset, DataInfo]:
     """Train and test datasets (transformed, normalized float tensors) and their :class:`DataInfo`.
 
@@ -62,6 +64,9 @@ def build_data(
     defaults to the images' own size (or 224 when they differ); ``mean``/``std`` default to the
     dataset's statistics (ImageNet's for ``imagefolder``). ``augment=False`` gives the training
     split the deterministic eval transforms (for analysis, probes, feature extraction).
+    ``preprocess``: a pretrained model's own evaluation transform (``meta["preprocess"]``, see
+    :mod:`.preprocess`): the test split (and an un-augmented train split) goes through it, and its
+    crop and mean/std replace ``img_size``/``mean``/``std``.
     """
     opts = dict(download=download, on_corrupt=on_corrupt, cache_dir=cache_dir)
     train_base = build_dataset(name, "train", data_dir, **opts)
@@ -76,6 +81,9 @@ def build_data(
         )
 
     src_size = _square_size(train_base) if _square_size(train_base) == _square_size(test_base) else None
+    if preprocess is not None:  # the model's own resize, crop, interpolation and mean/std
+        check_preprocess(preprocess)
+        img_size, mean, std = preprocess["crop"], preprocess["mean"], preprocess["std"]
     img_size = int(img_size or src_size or DEFAULT_IMG_SIZE)
     default_mean, default_std = DATASET_STATS.get(name.lower(), (IMAGENET_MEAN, IMAGENET_STD))
     mean, std = tuple(mean or default_mean), tuple(std or default_std)
@@ -92,8 +100,11 @@ def build_data(
         random_erasing=random_erasing,
         **common,
     )
+    test_tf = build_transforms(False, **common) if preprocess is None else eval_transform(preprocess)
+    if preprocess is not None and not augment:
+        train_tf = test_tf
     train_ds = TransformedDataset(train_split, train_tf)
-    test_ds = TransformedDataset(test_base, build_transforms(False, **common))
+    test_ds = TransformedDataset(test_base, test_tf)
     info = DataInfo(
         num_classes=len(train_base.classes),
         classes=list(train_base.classes),

@@ -16,7 +16,7 @@ otherwise the peer's module. Random init (``pretrained=False``) keeps the peer's
 
 ``meta["preprocess"]``: the model's own evaluation transform (resize, crop, interpolation,
 mean/std), read from timm's ``pretrained_cfg``, torchvision's weights transforms or the HF image
-processor; :func:`eval_transform` turns it into torchvision transforms.
+processor; :func:`vitlens.data.preprocess.eval_transform` turns it into torchvision transforms.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..data.preprocess import eval_transform  # noqa: F401 - the builder of meta["preprocess"]'s transform
 from ..errors import CheckpointError, ModelError
 from .convert import convert_state_dict, load_state_dict_into
 from .peer_config import HF_VIT_TYPES, hf_vit_config, resnet_config, timm_vit_config, torchvision_vit_config
@@ -142,8 +143,10 @@ def _timm_preprocess(peer: nn.Module, size=None) -> dict:
     size = size or getattr(getattr(peer, "patch_embed", None), "img_size", None)  # another size?
     cfg = resolve_data_config({"input_size": (3, *size)} if size else {}, model=peer)
     crop = int(cfg["input_size"][-1])
-    resize = crop if cfg.get("crop_mode") == "squash" else int(math.floor(crop / cfg["crop_pct"]))
-    return _preprocess(resize, crop, cfg["interpolation"], cfg["mean"], cfg["std"], "timm pretrained_cfg")
+    resize = int(math.floor(crop / cfg["crop_pct"]))  # timm's scale_size, in "squash" mode too
+    mode = "squash" if cfg.get("crop_mode") == "squash" else "shorter"  # ("border" is not modelled)
+    return _preprocess(resize, crop, cfg["interpolation"], cfg["mean"], cfg["std"], "timm pretrained_cfg",
+                       resize_mode=mode)
 
 
 # -- torchvision ---------------------------------------------------------------------------------------
@@ -234,7 +237,9 @@ def _hf_preprocess(ref: str, config) -> dict | None:
             "Hugging Face config (no image processor)",
         )
     size, crop = dict(proc.size or {}), dict(getattr(proc, "crop_size", None) or {})
+    # {"shortest_edge": n} keeps the aspect ratio; {"height": h, "width": w} squashes (ViT, DeiT)
     resize = size.get("shortest_edge") or size.get("height")
+    mode = "shorter" if size.get("shortest_edge") else "squash"
     crop_side = crop.get("height") if getattr(proc, "do_center_crop", False) else resize
     interp = getattr(proc, "resample", 2)
     names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -245,6 +250,7 @@ def _hf_preprocess(ref: str, config) -> dict | None:
         proc.image_mean,
         proc.image_std,
         f"Hugging Face {type(proc).__name__}",
+        resize_mode=mode,
     )
 
 
@@ -287,9 +293,11 @@ def _pretrained_meta(preprocess: dict, source: str) -> dict:
     return {"preprocess": preprocess, "pretrained": source, **{k: preprocess[k] for k in keys}}
 
 
-def _preprocess(resize, crop, interpolation, mean, std, source: str) -> dict:
+def _preprocess(resize, crop, interpolation, mean, std, source: str, resize_mode: str = "shorter") -> dict:
+    """The plain-data description :mod:`vitlens.data.preprocess` turns into the transform."""
     return {
         "resize": int(resize),
+        "resize_mode": resize_mode,
         "crop": int(crop),
         "img_size": int(crop),
         "interpolation": str(interpolation),
@@ -297,21 +305,6 @@ def _preprocess(resize, crop, interpolation, mean, std, source: str) -> dict:
         "std": [float(v) for v in std],
         "source": source,
     }
-
-
-def eval_transform(preprocess: dict):
-    """torchvision transforms for PIL images: resize, center crop, to tensor, normalise."""
-    from torchvision import transforms as T
-
-    interp = T.InterpolationMode(preprocess["interpolation"])
-    return T.Compose(
-        [
-            T.Resize(preprocess["resize"], interpolation=interp),
-            T.CenterCrop(preprocess["crop"]),
-            T.ToTensor(),
-            T.Normalize(preprocess["mean"], preprocess["std"]),
-        ]
-    )
 
 
 def _hf_cache() -> str:

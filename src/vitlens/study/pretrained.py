@@ -141,17 +141,18 @@ class _Pixels:
     """The pool's images resized and centre-cropped by one model's preprocessing, kept as uint8.
 
     Models with the same resize, crop and interpolation (the two ViT-B/16s) share them: the PIL
-    work is done once. ``batch(lo, hi, mean, std)`` is then exactly ``ToTensor`` + ``Normalize`` of
-    :func:`~vitlens.models.hub.eval_transform`, on a whole batch at once.
+    work is done once. The resize and crop are :func:`vitlens.data.preprocess.resize_crop`, the one
+    builder ``vitlens eval`` and the analyses use too; ``batch(lo, hi, mean, std)`` is then exactly
+    the ``ToTensor`` + ``Normalize`` of its :func:`~vitlens.data.preprocess.eval_transform`, on a
+    whole batch at once.
     """
 
     def __init__(self, pool: Dataset, pre: dict):
         from torchvision import transforms as T
 
-        interpolation = T.InterpolationMode(pre["interpolation"])
-        resize_crop = T.Compose([T.Resize(pre["resize"], interpolation=interpolation),
-                                 T.CenterCrop(pre["crop"]), T.PILToTensor()])
-        identity = _Preprocessed(pool, resize_crop)
+        from ..data.preprocess import resize_crop
+
+        identity = _Preprocessed(pool, T.Compose([*resize_crop(pre).transforms, T.PILToTensor()]))
         loader = DataLoader(identity, batch_size=64, shuffle=False)  # PIL, one image at a time (no way round)
         images, labels = zip(*loader)
         self.images, self.labels = torch.cat(images), torch.cat(labels)
@@ -159,7 +160,7 @@ class _Pixels:
 
     @staticmethod
     def key_of(pre: dict) -> tuple:
-        return pre["resize"], pre["crop"], pre["interpolation"]
+        return pre["resize"], pre.get("resize_mode", "shorter"), pre["crop"], pre["interpolation"]
 
     def batch(self, lo: int, hi: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[lo:hi].float().div(255)
