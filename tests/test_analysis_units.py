@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_cka import ref_cka, ref_gram, ref_hsic_biased, ref_hsic_unbiased  # the papers' formulas
 from torch import nn
 
 from vitlens.analysis import (
@@ -51,44 +52,7 @@ from vitlens.analysis.distributed import (
 )
 from vitlens.errors import ConfigError, DataError, ModelError
 
-cka_module = importlib.import_module(
-    "vitlens.analysis.cka"
-)  # the module (the package exports the function cka)
-
-
-# ======================================== references (numpy, from the papers)
-def ref_gram(x: np.ndarray, kernel: str = "linear", sigma_frac: float = 1.0) -> np.ndarray:
-    g = x @ x.T
-    if kernel == "linear":
-        return g
-    sq = np.diag(g)[:, None] + np.diag(g)[None, :] - 2 * g  # Kornblith et al.'s gram_rbf
-    return np.exp(-sq / (2 * sigma_frac**2 * np.median(sq)))
-
-
-def ref_hsic_biased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    n = k.shape[0]
-    h = np.eye(n) - np.ones((n, n)) / n
-    return float(np.trace(k @ h @ l @ h) / (n - 1) ** 2)
-
-
-def ref_hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    """Song et al. 2012 eq. 5 (Nguyen, Raghu & Kornblith 2021 eq. 3)."""
-    n = k.shape[0]
-    kt, lt = k.copy(), l.copy()
-    np.fill_diagonal(kt, 0)
-    np.fill_diagonal(lt, 0)
-    one = np.ones(n)
-    t1 = np.trace(kt @ lt)
-    t2 = (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-    t3 = 2.0 / (n - 2) * (one @ kt @ lt @ one)
-    return float((t1 + t2 - t3) / (n * (n - 3)))
-
-
-def ref_cka(x, y, kernel="linear", debiased=False, sigma_frac=1.0) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    k, l = ref_gram(x, kernel, sigma_frac), ref_gram(y, kernel, sigma_frac)  # noqa: E741
-    h = ref_hsic_unbiased if debiased else ref_hsic_biased
-    return h(k, l) / np.sqrt(h(k, k) * h(l, l))
+cka_module = importlib.import_module("vitlens.analysis.cka")  # the module; the package exports the function
 
 
 def pair(n: int, p: int = 6, q: int = 5, seed: int = 0):
@@ -463,7 +427,7 @@ def test_minibatch_sums_hsic_over_batches_with_batch_limits():
     assert (acc.num_batches, acc.num_examples, acc.skipped_examples) == (3, 10, 1)
     hs = np.zeros(3)
     for s, e in ((0, 5), (5, 8), (8, 10)):
-        k, l = ref_gram(x[s:e].numpy()), ref_gram(y[s:e].numpy())  # noqa: E741
+        k, l = ref_gram(x[s:e].numpy(), "linear"), ref_gram(y[s:e].numpy(), "linear")  # noqa: E741
         hs += [ref_hsic_biased(k, l), ref_hsic_biased(k, k), ref_hsic_biased(l, l)]
     np.testing.assert_allclose(acc.hsic_ab.numpy(), [[hs[0]]], rtol=1e-12)
     np.testing.assert_allclose([acc.hsic_aa.item(), acc.hsic_bb.item()], hs[1:], rtol=1e-12)

@@ -6,7 +6,6 @@ Hub caches are fabricated (or the hub loader replaced) as in test_pretrained.py;
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from _hub import hf_snapshot, randomise
 
 import vitlens
 from vitlens.errors import CheckpointError, MissingFileError, ModelError
@@ -28,40 +28,6 @@ from vitlens.models.tokenizers.vqvae import VQVAE, VQVAEConfig
 TOL = 1e-4
 
 
-@pytest.fixture
-def hubs(tmp_path, monkeypatch):
-    """Empty HF and torch caches, offline mode on, and any socket use an error."""
-    from huggingface_hub import constants
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a network connection was attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    return tmp_path
-
-
-def _snapshot(repo: str) -> Path:
-    from huggingface_hub import constants
-
-    entry = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    (entry / "snapshots" / rev).mkdir(parents=True)
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(rev)
-    return entry / "snapshots" / rev
-
-
-def _random(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -106,7 +72,7 @@ def test_timm_missing_weights_names_the_hub_repo_and_file(hubs):
 # ----------------------------------------------------------------------------- torchvision
 def test_torchvision_pretrained_with_new_classes_keeps_the_body(hubs):
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    peer = _random(torchvision.models.resnet18())
+    peer = randomise(torchvision.models.resnet18())
     cache = hubs / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(peer.state_dict(), cache / Path(weights.url).name)
@@ -120,7 +86,7 @@ def test_torchvision_pretrained_with_new_classes_keeps_the_body(hubs):
 def _small_tv_vit(**kw):
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return _random(
+    return randomise(
         VisionTransformer(
             image_size=32,
             patch_size=8,
@@ -183,8 +149,8 @@ def test_hf_deit_single_head_is_returned_as_the_peer(hubs):
         patch_size=8,
         num_labels=3,
     )
-    folder = _snapshot("facebook/deit-tiny-patch16-224")
-    _random(DeiTForImageClassification(cfg)).save_pretrained(folder)
+    folder = hf_snapshot("facebook/deit-tiny-patch16-224")
+    randomise(DeiTForImageClassification(cfg)).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     model, meta = vitlens.load_model("hf:facebook/deit-tiny-patch16-224", pretrained=True)
     assert type(model).__name__ == "DeiTForImageClassification"  # one head on [CLS]+dist: not ours
@@ -353,7 +319,7 @@ def test_hf_errors_name_the_fix(hubs):
         image_size=16,
         patch_size=8,
     )
-    ViTModel(cfg).save_pretrained(_snapshot("org/tiny-vit"))
+    ViTModel(cfg).save_pretrained(hf_snapshot("org/tiny-vit"))
     with pytest.raises(ModelError, match=r"takes its architecture from config\.json; drop depth"):
         vitlens.create_model("hf:org/tiny-vit", pretrained=True, depth=2)
     model, meta = vitlens.load_model("hf:org/tiny-vit", pretrained=True)  # no image processor saved
@@ -678,7 +644,7 @@ def test_timm_vit_variants_we_cannot_build_are_kept_as_peers(kw):
 def test_timm_vit_variants_we_build_match_the_peer(kw, expected):
     from vitlens.models.peer_config import timm_vit_config
 
-    peer = _random(_tiny_timm(**kw))
+    peer = randomise(_tiny_timm(**kw))
     cfg = timm_vit_config(peer)
     assert {k: cfg[k] for k in expected} == expected
     assert (cfg["img_size"], cfg["patch_size"], cfg["embed_dim"], cfg["depth"], cfg["num_heads"]) == (
@@ -735,7 +701,7 @@ def test_timm_resnet_variants_we_cannot_build_are_kept_as_peers(block, kw):
 def test_timm_resnet_variants_we_build_match_the_peer(block, kw, expected):
     from vitlens.models.peer_config import resnet_config
 
-    peer = _random(_tiny_resnet(block, **kw))
+    peer = randomise(_tiny_resnet(block, **kw))
     cfg = resnet_config(peer)
     assert {k: cfg[k] for k in expected} == expected
     assert cfg["layers"] == (1, 1, 1, 1) and cfg["stem"] == "imagenet" and cfg["num_classes"] == 4

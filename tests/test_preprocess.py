@@ -17,8 +17,8 @@ import pytest
 import timm
 import torch
 import torchvision
+from _hub import randomise
 from PIL import Image
-from test_pretrained import _random, hubs  # noqa: F401 - the shared offline-hub fixture
 from test_pretrained_study import fabricate_timm, fabricate_torchvision
 from timm.data import create_transform, resolve_data_config
 from torchvision.transforms.functional import pil_to_tensor
@@ -97,7 +97,7 @@ def test_hf_models_see_their_image_processor(kind, tmp_path, hubs):  # noqa: F81
     folder = tmp_path / "vit"
     cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                     image_size=32, patch_size=8, num_labels=5)
-    _random(ViTForImageClassification(cfg)).save_pretrained(folder)
+    randomise(ViTForImageClassification(cfg)).save_pretrained(folder)
     processor = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                  **HF_PROCESSORS[kind]}
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from _hub import hf_snapshot, randomise
 from safetensors.torch import save_file
 
 import vitlens
@@ -29,44 +29,6 @@ from vitlens.models.peer_config import resnet_config, timm_vit_config
 TOL = 1e-4
 
 
-@pytest.fixture
-def hubs(tmp_path, monkeypatch):
-    """Empty HF and torch caches, offline mode on, and any socket use an error."""
-    from huggingface_hub import constants
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a network connection was attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    # huggingface_hub read its environment at import (other tests imported it): set what it read.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    return tmp_path
-
-
-def _snapshot(repo: str) -> Path:
-    """An HF hub cache entry: models--ORG--NAME/snapshots/<rev>/ with refs/main naming <rev>."""
-    from huggingface_hub import constants
-
-    entry = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    (entry / "snapshots" / rev).mkdir(parents=True)
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(rev)
-    return entry / "snapshots" / rev
-
-
-def _random(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 @torch.no_grad()
 def _diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
     out_a, out_b = a.eval()(x), b.eval()(x)
@@ -76,9 +38,9 @@ def _diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- timm
 def test_timm_pretrained_from_the_hf_cache(hubs):
     name = "vit_small_patch16_224.augreg_in21k_ft_in1k"
-    peer = _random(timm.create_model(name, depth=1))  # 1 block keeps it small; 224 px as pretrained
+    peer = randomise(timm.create_model(name, depth=1))  # 1 block keeps it small; 224 px as pretrained
     weights = {k: v.contiguous() for k, v in peer.state_dict().items()}
-    save_file(weights, str(_snapshot(f"timm/{name}") / "model.safetensors"))
+    save_file(weights, str(hf_snapshot(f"timm/{name}") / "model.safetensors"))
     model, meta = vitlens.load_model(f"timm:{name}", pretrained=True, depth=1)
     assert isinstance(model, vitlens.models.VisionTransformer)  # converted: our hooks and attention
     reference = timm.create_model(name, pretrained=True, depth=1)  # timm reading the same cache
@@ -98,9 +60,9 @@ def test_timm_pretrained_from_the_hf_cache(hubs):
 
 def test_registered_name_pretrained_goes_to_its_hub(hubs):
     small = dict(depth=1)
-    peer = _random(timm.create_model("deit_tiny_distilled_patch16_224", **small))
+    peer = randomise(timm.create_model("deit_tiny_distilled_patch16_224", **small))
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()},
-              str(_snapshot("timm/deit_tiny_distilled_patch16_224.fb_in1k") / "model.safetensors"))
+              str(hf_snapshot("timm/deit_tiny_distilled_patch16_224.fb_in1k") / "model.safetensors"))
     model = vitlens.create_model("deit_tiny_distilled_patch16_224", pretrained=True, **small)
     assert model.cfg.distilled and _diff(model, peer, torch.randn(2, 3, 224, 224)) < TOL
     with pytest.raises(ModelError, match="no pretrained weights on a hub"):
@@ -110,7 +72,7 @@ def test_registered_name_pretrained_goes_to_its_hub(hubs):
 # ----------------------------------------------------------------------------- torchvision
 def test_torchvision_pretrained_from_torch_home(hubs):
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    peer = _random(torchvision.models.resnet18())
+    peer = randomise(torchvision.models.resnet18())
     cache = hubs / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(peer.state_dict(), cache / Path(weights.url).name)  # torch.hub's own file name
@@ -134,8 +96,8 @@ def _hf_vit(repo: str, eps: float):
 
     cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                     image_size=32, patch_size=8, num_labels=5, layer_norm_eps=eps)
-    folder = _snapshot(repo)
-    _random(ViTForImageClassification(cfg)).save_pretrained(folder)
+    folder = hf_snapshot(repo)
+    randomise(ViTForImageClassification(cfg)).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}, resample=3).save_pretrained(folder)
     return folder
 
@@ -188,7 +150,7 @@ def test_bad_pretrained_requests(hubs):
         vitlens.create_model("timm:vit_base_patch16_224.nope", pretrained=True)
     with pytest.raises(ModelError, match="timm has no model 'vit_bsae_patch16_224'"):
         vitlens.create_model("timm:vit_bsae_patch16_224")
-    (_snapshot("bert-base-uncased") / "config.json").write_text('{"model_type": "bert"}')
+    (hf_snapshot("bert-base-uncased") / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ModelError, match="is a 'bert' model, not a ViT"):
         vitlens.create_model("hf:bert-base-uncased", pretrained=True)
     with pytest.raises(ModelError, match="give one"):
@@ -218,9 +180,9 @@ def test_cli_pretrained(hubs, capsys):
     from vitlens.cli import main
 
     name = "deit_tiny_patch16_224.fb_in1k"  # full size (5.7M parameters): the CLI has no size flags
-    peer = _random(timm.create_model(name))
+    peer = randomise(timm.create_model(name))
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()},
-              str(_snapshot(f"timm/{name}") / "model.safetensors"))
+              str(hf_snapshot(f"timm/{name}") / "model.safetensors"))
     out = hubs / "att"
     args = ["attention", f"timm:{name}", "--pretrained", "--out", str(out), "--max-images", "4",
             "--num-maps", "1", "--batch-size", "4", "--device", "cpu"]
@@ -238,9 +200,9 @@ def test_train_starts_from_the_cached_weights(hubs):
     from vitlens.models.loading import load_run_model
 
     name = "deit_tiny_patch16_224"
-    peer = _random(timm.create_model(name, depth=1))
+    peer = randomise(timm.create_model(name, depth=1))
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()},
-              str(_snapshot(f"timm/{name}.fb_in1k") / "model.safetensors"))
+              str(hf_snapshot(f"timm/{name}.fb_in1k") / "model.safetensors"))
     out = hubs / "run"
     args = ["train", "--model", name, "--pretrained", "--model-args", '{"depth": 1}', "--epochs", "1",
             "--fraction", "0.1", "--batch-size", "25", "--lr", "1e-12", "--min-lr", "0",

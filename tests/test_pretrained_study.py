@@ -19,9 +19,9 @@ import timm
 import torch
 import torchvision
 import yaml
+from _hub import hf_snapshot, randomise
 from PIL import Image
 from safetensors.torch import save_file
-from test_pretrained import _random, _snapshot, hubs  # noqa: F401 - the shared offline-hub fixture
 from test_report import _chromium
 
 import vitlens
@@ -45,10 +45,10 @@ def _favour(head: torch.nn.Linear, favoured: int | None) -> None:
 def fabricate_timm(name: str, favoured: int | None = None, **small) -> None:
     """Random weights of timm's ``name`` (``arch.tag``) in the HF cache where timm looks for them."""
     hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
-    peer = _random(timm.create_model(name, **small))
+    peer = randomise(timm.create_model(name, **small))
     _favour(peer.head, favoured)
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()},
-              str(_snapshot(hub_id) / "model.safetensors"))
+              str(hf_snapshot(hub_id) / "model.safetensors"))
 
 
 def fabricate_torchvision(name: str, favoured: int | None = None) -> None:
@@ -56,7 +56,7 @@ def fabricate_torchvision(name: str, favoured: int | None = None) -> None:
     weights = torchvision.models.get_model_weights(name)["DEFAULT"]
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     cache.mkdir(parents=True, exist_ok=True)
-    peer = _random(torchvision.models.get_model(name))
+    peer = randomise(torchvision.models.get_model(name))
     _favour(peer.fc, favoured)
     torch.save(peer.state_dict(), cache / Path(weights.url).name)
 
