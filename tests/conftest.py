@@ -50,3 +50,13 @@ def hubs(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other processes share the 2 cores
+    (and a reference computed in-process matches spawned one-thread workers); the count is given back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

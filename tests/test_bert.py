@@ -14,13 +14,7 @@ from vitlens.cli import main as cli
 from vitlens.models.bert import mask_tokens
 from vitlens.train.lm import LMTrainConfig, train_lm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_masking_follows_80_10_10():

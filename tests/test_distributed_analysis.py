@@ -161,13 +161,7 @@ def _assert_same(got: dict, ref: dict, keys) -> None:
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The reference runs with one thread like every spawned process (and gives the count back)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KEYS = [f"cka_{k}_{d}" for k, d in CKA_VARIANTS] + [

@@ -22,14 +22,7 @@ from vitlens.text import load_lm, sample
 from vitlens.text.data import CharTokenizer, load_char_corpus, random_windows
 from vitlens.train.lm import LMTrainConfig, train_lm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster, and far faster when other processes share the 2 cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpt(**kw):

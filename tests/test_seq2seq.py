@@ -16,13 +16,7 @@ from vitlens.text.data import BOS, EOS, PAD, load_parallel, read_lines, token_ba
 from vitlens.text.decode import beam_search, greedy_decode, length_penalty, strip_ids
 from vitlens.train.translate import TranslateTrainConfig, noam, train_translate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(vocab=64, std=0.2, **kw):

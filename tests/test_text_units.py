@@ -26,13 +26,7 @@ from vitlens.train.distributed import DistInfo
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: more threads only contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

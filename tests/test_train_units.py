@@ -49,13 +49,7 @@ TINY = dict(
 STEPS_PER_EPOCH = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: more threads only contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Stop(Exception):

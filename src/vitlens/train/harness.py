@@ -33,7 +33,7 @@ from ..errors import CheckpointError, ConfigError, DeviceError, ResumeError, Tra
 from ..io import load_checkpoint, save_checkpoint
 from ..utils import check_out_folder
 from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .precision import resolve_amp
+from .precision import match_param_layout, resolve_amp
 from .run_folder import (
     INVOCATION_KEYS,
     LAST,
@@ -175,6 +175,8 @@ class Run:
         for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
             if obj is not None and state.get(key) is not None:
                 obj.load_state_dict(state[key])
+        if optimizer is not None:
+            match_param_layout(optimizer)  # contiguous moments from the file -> the parameters' layout
         if self.counter not in state:
             raise CheckpointError(
                 f"{path} holds no {self.counter} counter: it is not a checkpoint of this kind of run"

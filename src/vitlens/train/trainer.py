@@ -39,7 +39,7 @@ from .harness import (
     start_run,
     train_step,
 )
-from .precision import match_param_layout, optimizer_options, want_channels_last
+from .precision import optimizer_options, want_channels_last
 from .run_folder import BEST, LAST, is_finished, last_record
 from .schedule import warmup_cosine
 
@@ -268,7 +268,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
         "data": cfg.data,
     }
     state = run.restore(model, optimizer, scheduler, scaler)
-    match_param_layout(optimizer)  # contiguous moments from the checkpoint -> the parameters' layout
     if ema is not None and state:
         ema.load_state_dict(state["ema"])
     best_top1, train_time = state.get("best_top1", -1.0), state.get("train_time", 0.0)
