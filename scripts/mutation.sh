@@ -10,6 +10,8 @@
 # using the real tree) and writes, in the real tree:
 #   benchmarks/mutation.json            killed, survived, timeout, score, modules, date, commit
 #   benchmarks/mutation-survivors.txt   the diff of every surviving mutant
+# Survivors reviewed as equivalent (listed in benchmarks/equivalent/*.txt with the reason) are
+# reported apart: "score" counts them against the suite, "score_without_equivalent" does not.
 # MUTATION_SUMMARY_ONLY=1 with MUTATION_WORKDIR=DIR only rewrites the two files from the run in DIR.
 # Environment: PYTHON (default .venv/bin/python), MUTATION_WORKDIR (default a fresh temp dir),
 # MUTATION_JOBS (parallel mutants, default 1: the machine may be shared), MUTATION_TESTS (a
@@ -83,8 +85,8 @@ fi
 # 4. summarise: counts per status and per module, the score, the survivors' diffs
 COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
 DIRTY=$(git -C "$REPO" status --porcelain -- src 2>/dev/null | head -1)
-"$PY" - "$OUT_JSON" "$OUT_SURVIVORS" "$COMMIT" "${DIRTY:+dirty}" "$elapsed" <<'EOF'
-import collections, datetime, json, os, subprocess, sys
+REPO="$REPO" "$PY" - "$OUT_JSON" "$OUT_SURVIVORS" "$COMMIT" "${DIRTY:+dirty}" "$elapsed" <<'EOF'
+import collections, datetime, glob, json, os, subprocess, sys
 out_json, out_surv, commit, dirty, elapsed = sys.argv[1:6]
 res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
                      capture_output=True, text=True, check=True).stdout
@@ -108,6 +110,19 @@ if tested:  # Wilson 95% interval: the score of a random sample estimates the sc
     centre, half = (p + z * z / (2 * tested)), z * (p * (1 - p) / tested + z * z / (4 * tested ** 2)) ** 0.5
     interval = [round(100 * (centre - half) / (1 + z * z / tested), 1),
                 round(100 * (centre + half) / (1 + z * z / tested), 1)]
+# survivors reviewed and listed as equivalent (the mutant cannot change behaviour) in
+# benchmarks/equivalent/*.txt, one "<mutant name>  # <reason>" per line: the classic mutation score
+# leaves them out of the denominator; both scores are reported
+equivalent = {}
+for listing in sorted(glob.glob(os.path.join(os.environ["REPO"], "benchmarks", "equivalent", "*.txt"))):
+    for line in open(listing):
+        name, _, reason = line.partition("#")
+        if name.strip():
+            equivalent[name.strip()] = reason.strip()
+equivalent_survivors = sorted(n for n, st in status.items() if st == "survived" and n in equivalent)
+score_equivalent = None
+if tested - len(equivalent_survivors) > 0:
+    score_equivalent = round(100 * (killed + timeout) / (tested - len(equivalent_survivors)), 1)
 sample = None
 if os.path.exists("mutation-sample.txt") and os.environ.get("MUTATION_SAMPLE"):
     sample = {"size": int(os.environ["MUTATION_SAMPLE"]), "seed": int(os.environ.get("MUTATION_SEED", "0")),
@@ -118,6 +133,8 @@ summary = {
     "score": score,
     "score_formula": "100 * (killed + timeout) / (killed + survived + timeout + suspicious + no tests)",
     "score_95_interval": interval,
+    "equivalent_survivors": len(equivalent_survivors),
+    "score_without_equivalent": score_equivalent,
     "sample": sample,
     "modules": {m: dict(c) for m, c in sorted(per_module.items())},
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -131,7 +148,9 @@ with open(out_surv, "w") as f:
         if st in ("survived", "no tests"):
             diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name],
                                   capture_output=True, text=True).stdout
-            f.write(f"\n## {name} ({st})\n{diff}\n")
-print(json.dumps({k: summary[k] for k in ("killed", "survived", "timeout", "score", "score_95_interval", "commit")}))
+            why = f", equivalent: {equivalent[name]}" if st == "survived" and name in equivalent else ""
+            f.write(f"\n## {name} ({st}{why})\n{diff}\n")
+print(json.dumps({k: summary[k] for k in ("killed", "survived", "timeout", "score", "score_95_interval",
+                                          "equivalent_survivors", "score_without_equivalent", "commit")}))
 EOF
 echo "mutation run in $WORK: $OUT_JSON, $OUT_SURVIVORS"

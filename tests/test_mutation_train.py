@@ -38,7 +38,7 @@ def torchrun_env(monkeypatch):
     return calls
 
 
-def test_init_distributed_reads_torchrun_variables(torchrun_env, monkeypatch):
+def test_init_distributed_reads_the_launcher_variables(torchrun_env, monkeypatch):
     assert init_distributed("cpu") == DistInfo(0, 1, 0)  # no RANK: one process
     monkeypatch.setenv("RANK", "0")
     assert init_distributed("cpu") == DistInfo(0, 1, 0)  # RANK without WORLD_SIZE: still one process
@@ -96,7 +96,7 @@ class _RunCfg:
     amp: str = "fp32"
 
 
-def test_start_run_puts_each_torchrun_process_on_its_local_gpu(tmp_path, monkeypatch):
+def test_start_run_puts_each_launched_process_on_its_local_gpu(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(harness, "resolve_device", lambda name: torch.device(name))
 

@@ -164,7 +164,7 @@ def test_pretrained_preset_end_to_end(hubs, tmp_path, capsys):  # noqa: F811
     assert capsys.readouterr().out.count("statistics reused") == 4
 
 
-def test_top1_on_imagenet_wnid_folders(hubs, tmp_path):  # noqa: F811
+def test_top1_on_imagenet_wnid_folders(hubs, tmp_path, capsys, monkeypatch):  # noqa: F811
     """Folders named by wnids are scored with the ImageNet-1k indices: heads that always answer
     class 217 (English springer, n02102040) or 0 (tench, n01440764) are right on exactly half."""
     folder, wnids = imagenet_folder(tmp_path / "val")
@@ -186,6 +186,16 @@ def test_top1_on_imagenet_wnid_folders(hubs, tmp_path):  # noqa: F811
     assert top1 == pytest.approx({"ViT-1k": 100 * (6 - tench) / 6, "ResNet": 100 * tench / 6})
     page = (out / "report.html").read_text()
     assert "top-1 is" in page and "not measured" not in page.split("2. Representation")[0]
+
+    # statistics cached by another version of the statistics' code (e.g. before each hub model's own
+    # preprocessing) are recomputed, never reused; the same version reuses them
+    import vitlens.study.pretrained as pretrained
+
+    args = ["study", "--config", str(config), "--data-dir", str(tmp_path), "--max-images", "6"]
+    capsys.readouterr()
+    assert main(args) == 0 and capsys.readouterr().out.count("statistics reused") == 2
+    monkeypatch.setattr(pretrained, "STATISTICS_VERSION", pretrained.STATISTICS_VERSION + 1)
+    assert main(args) == 0 and capsys.readouterr().out.count("statistics reused") == 0
 
 
 

@@ -247,9 +247,10 @@ class MinibatchCKA:
         self.kernel, self.debiased, self.sigma_frac = kernel, debiased, sigma_frac
         self.self_compare = num_layers_b is None
         self.shape = (num_layers_a, num_layers_a if num_layers_b is None else num_layers_b)
-        self.hsic_ab = torch.zeros(self.shape, dtype=torch.float64)
-        self.hsic_aa = torch.zeros(self.shape[0], dtype=torch.float64)
-        self.hsic_bb = torch.zeros(self.shape[1], dtype=torch.float64)
+        # float64 sums on the CPU whatever torch's default device (update() adds .cpu() products)
+        self.hsic_ab = torch.zeros(self.shape, dtype=torch.float64, device="cpu")
+        self.hsic_aa = torch.zeros(self.shape[0], dtype=torch.float64, device="cpu")
+        self.hsic_bb = torch.zeros(self.shape[1], dtype=torch.float64, device="cpu")
         self.num_batches = 0
         self.num_examples = 0
         self.skipped_examples = 0

@@ -370,7 +370,7 @@ class ProbeStream:
 
     def fit_tokens(self, name: str, t: torch.Tensor, labels: torch.Tensor) -> None:
         dev = self.stats.device
-        self.stats.update(name, t.to(dev), torch.as_tensor(labels).to(dev))
+        self.stats.update(name, t.to(dev), torch.as_tensor(labels, device=dev))
 
     def solve(self, name: str | None = None) -> None:
         """Solve the fits of ``name`` (every layer by default) from the train statistics so far."""
@@ -399,7 +399,7 @@ class ProbeStream:
         if name not in self.fits:
             self.solve(name)
         dev = self.stats.device
-        t, labels = t.to(dev), torch.as_tensor(labels).to(dev)
+        t, labels = t.to(dev), torch.as_tensor(labels, device=dev)  # not via torch's default device
         B, N, D = t.shape
         wd = _work_dtype(t)
         shift, wc, bc, wp, bp = self._scorer(name, wd)
@@ -430,7 +430,7 @@ class ProbeStream:
                 g = self.reader.grids[name]
                 z = torch.zeros(g[0] * g[1], dtype=torch.float64, device=self.stats.device)
                 self.correct_cls[name], self.correct_pos[name], self.scored[name] = z, z.clone(), 0
-        counts = torch.tensor([float(self.scored[name]) for name in self.layers])
+        counts = torch.tensor([float(self.scored[name]) for name in self.layers], device=self.stats.device)
         summed = sum_across_ranks(
             [*map(self.correct_cls.get, self.layers), *map(self.correct_pos.get, self.layers), counts],
             "probe accuracies",

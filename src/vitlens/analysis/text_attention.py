@@ -102,7 +102,8 @@ def text_attention_report(model: nn.Module, tok, text: str) -> dict:
     probs = text_attention(model, ids)
     layers = self_attention_layers(model)
     causal = isinstance(model, GPT)
-    visible = torch.arange(1, L + 1, dtype=torch.float64) if causal else torch.full((L,), float(L))
+    keys = torch.arange(1, L + 1) if causal else torch.full((L,), L)  # visible keys of each query
+    visible = keys.double()
     return {
         "tokens": [tok.itos[i] for i in ids[0].tolist()],
         "layers": layers,

@@ -148,7 +148,9 @@ class Attention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             if self.record_attn:
-                probs = scores.float().softmax(dim=-1).nan_to_num(0.0).to(q.dtype)  # fully masked rows -> 0
+                # softmax in fp32 at least (bf16/fp16 scores upcast, fp64 kept); fully masked rows -> 0
+                acc = torch.promote_types(scores.dtype, torch.float32)
+                probs = scores.to(acc).softmax(dim=-1).nan_to_num(0.0).to(q.dtype)
                 probs = self.attn_probs(probs)
             else:  # the CPU kernel computes the softmax of bf16/fp16 scores in fp32 and rounds once
                 probs = scores.softmax(dim=-1) if mask is None else scores.softmax(dim=-1).nan_to_num(0.0)

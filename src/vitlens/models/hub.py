@@ -167,7 +167,7 @@ def _torchvision(name: str, pretrained, overrides: dict) -> tuple[nn.Module, dic
     except KeyError:
         raise ModelError(
             f"torchvision has no weights {key!r} for {name}; choose one of "
-            f"{', '.join(['DEFAULT', *enum.__members__])}"
+            f"{', '.join(['DEFAULT', *(m for m in enum.__members__ if m != 'DEFAULT')])}"  # DEFAULT once
         ) from None
     classes = overrides.pop("num_classes", None)
     file = Path(_torch_cache()) / os.path.basename(weights.url)

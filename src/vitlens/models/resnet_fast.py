@@ -100,7 +100,9 @@ class ResNetFast(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.pool(x), 1)
-        return x if pre_logits else self.fc(x) * self.cfg.head_scale
+        if pre_logits or self.cfg.num_classes == 0:  # no classifier: the pooled features, unscaled (timm)
+            return x
+        return self.fc(x) * self.cfg.head_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -334,6 +334,12 @@ def _analyse_model(spec, pool, to_imagenet, a: dict, analysis_dir: Path, tag: st
     return info
 
 
+# Part of every cache file's name: raise it when what a model's statistics are changes (its preprocessing,
+# the Grams, probes or attention code), so caches written by an older vitlens are recomputed, not reused.
+# 2: each hub model's own preprocessing (HF processors squash, timm "squash" crop mode ignores crop_pct).
+STATISTICS_VERSION = 2
+
+
 def _short_hash(*parts) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8]
 
@@ -373,8 +379,8 @@ def pretrained_analysis(cfg: StudyConfig, study_dir: Path, log=print) -> dict:
     indices = subset_indices(len(full), int(a["max_images"]), seed=0)
     pool = image_subset(full, int(a["max_images"]), seed=0)
     # Cached statistics are reused only for the same images, batches and precision (cross-model CKA
-    # pairs the models' Grams batch by batch).
-    tag = _short_hash(where, len(full), indices_fingerprint(indices), a["batch_size"],
+    # pairs the models' Grams batch by batch), and the same version of the statistics' code.
+    tag = _short_hash(STATISTICS_VERSION, where, len(full), indices_fingerprint(indices), a["batch_size"],
                       _resolved_precision(a["autocast"]),
                       a["attention_images"], a["probe_train_images"], a["probe_test_images"])
     to_imagenet = imagenet_indices(classes)

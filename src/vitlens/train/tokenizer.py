@@ -113,7 +113,7 @@ def evaluate_vq(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> di
     mse = torch.cat(mse)
     p = counts / counts.sum()
     return {
-        "psnr": 10 * math.log10(1 / mse.mean().item()),
+        "psnr": 10 * math.log10(1 / max(mse.mean().item(), 1e-10)),  # a perfect reconstruction: 100 dB
         "psnr_per_image": (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item(),
         "mse": mse.mean().item(),
         "codebook_usage": 100 * (counts > 0).float().mean().item(),
@@ -157,7 +157,7 @@ def _fit_palette(run: Run, train: torch.Tensor, test: torch.Tensor) -> dict:
     summary = {
         "kind": "palette",
         "k": cfg.k,
-        "psnr": 10 * math.log10(1 / mse),
+        "psnr": 10 * math.log10(1 / max(mse, 1e-10)),  # every colour in the palette: 100 dB, not a crash
         "colors_used_test": used,
         "fit_time_s": time.perf_counter() - t0,
         "train_images": len(train),
