@@ -322,7 +322,7 @@ class DeviceLoader:
     def batch_indices(self, epoch: int | None = None) -> list[torch.Tensor]:
         """The index batches of an epoch (into the dataset as given, i.e. the subset's own numbering)."""
         order = self._order(self.epoch if epoch is None else epoch)
-        batches = list(order.split(self.batch_size))
+        batches = list(order.split(self.batch_size)) if len(order) else []  # not one empty chunk
         if batches and self.drop_last and len(batches[-1]) < self.batch_size:
             batches.pop()
         return batches
@@ -341,7 +341,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # One host->device copy of the epoch's order, then every batch is a slice of it.
         order = self._order(self.epoch).to(self.device)
-        batches = order.split(self.batch_size)
+        batches = order.split(self.batch_size) if len(order) else ()  # no empty batch from an empty shard
         if batches and self.drop_last and len(batches[-1]) < self.batch_size:
             batches = batches[:-1]
         for idx in batches:

@@ -83,7 +83,8 @@ def _feature_geometry(backbone: nn.Module, in_chans: int, probe: int = 256) -> t
 
 def build_hybrid_tokenizer(cfg, args: dict) -> HybridEmbed:
     """From ``tokenizer_args``: ``layers``, ``widths``, ``block``, ``stem``, and ``patch`` or ``grid``
-    (tokens per side; sets ``patch`` = feature-map side / grid)."""
+    (tokens along the image's height; sets ``patch`` = feature-map height / grid, so a non-square image
+    gets a grid of the same aspect)."""
     known = {"layers", "widths", "block", "stem", "patch", "grid"}
     if unknown := sorted(set(args) - known - {"mean", "std"}):
         raise ModelError(f"unknown hybrid tokenizer_args {unknown}; valid: {sorted(known)}")
