@@ -60,3 +60,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every Figure passed to ``vitlens.analysis.plots._save``, in order (the files are still written)."""
+    import importlib
+
+    plots = importlib.import_module("vitlens.analysis.plots")
+    caught = []
+    real = plots._save
+    monkeypatch.setattr(
+        plots, "_save", lambda fig, path, numbers: caught.append(fig) or real(fig, path, numbers)
+    )
+    return caught

@@ -19,16 +19,6 @@ import torch
 plots = importlib.import_module("vitlens.analysis.plots")
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """Every Figure passed to plots._save, in order (the files are still written)."""
-    caught = []
-    real = plots._save
-    monkeypatch.setattr(
-        plots, "_save", lambda fig, path, numbers: caught.append(fig) or real(fig, path, numbers)
-    )
-    return caught
-
 
 def test_paths_strip_known_suffixes_and_create_the_folder(tmp_path):
     for name in ("cka", "cka.png", "cka.json", "cka.csv", "cka.PNG"):

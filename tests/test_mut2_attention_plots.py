@@ -45,16 +45,6 @@ def vit():
     return vitlens.create_model("vit_micro_patch4_32", depth=2).eval()  # 2 blocks, 4 heads, 8x8 + [CLS]
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """Every Figure passed to plots._save, in order (the files are still written)."""
-    caught = []
-    real = plots._save
-    monkeypatch.setattr(
-        plots, "_save", lambda fig, path, numbers: caught.append(fig) or real(fig, path, numbers)
-    )
-    return caught
-
 
 def _message(fn, *args, **kwargs) -> tuple[type, str]:
     with pytest.raises(Exception) as e:

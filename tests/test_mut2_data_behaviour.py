@@ -13,36 +13,15 @@ import io
 import os
 import re
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _files import png_bytes as _png
+from _files import write_tar as _tar
+from _files import write_tree as _tree
 from PIL import Image
 from torchvision.transforms import v2
-
-
-def _png(value: int = 0, size: int = 4) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tree(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return root
-
-
-def _tar(path: Path, files: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 # ------------------------------------------------------------------------------------ cache file names

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import raises_exactly as _raises
+from _models import tiny_vit as _tiny_vit
 from torch import nn
 
 from vitlens.errors import ModelError
@@ -20,21 +22,7 @@ from vitlens.models.resnet_fast import ResNetFast, ResNetFastConfig
 from vitlens.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from vitlens.models.tokenizers.palette import uniform_palette
 from vitlens.models.tokenizers.vqvae import VQVAEConfig
-from vitlens.models.vit import VisionTransformer, ViTConfig
-
-
-def _raises(exc, message, fn, *args, **kwargs):
-    """The whole message, not a substring: a message with text around it is a different message."""
-    with pytest.raises(exc) as info:
-        fn(*args, **kwargs)
-    assert str(info.value) == message
-    return info.value
-
-
-def _tiny_vit(**kw) -> VisionTransformer:
-    base = dict(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3)
-    return VisionTransformer(ViTConfig(**{**base, **kw}))
-
+from vitlens.models.vit import ViTConfig
 
 # ----------------------------------------------------------------------------- config messages
 CONFIG_ERRORS = [

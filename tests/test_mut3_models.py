@@ -9,16 +9,11 @@ import warnings
 
 import pytest
 import torch
+from _models import tiny_vit as _tiny_vit
 from torch import nn
 
 from vitlens.errors import CheckpointError, ModelError
 from vitlens.models.convert import convert_state_dict, detect_format, load_state_dict_into
-from vitlens.models.vit import VisionTransformer, ViTConfig
-
-
-def _tiny_vit(**kw) -> VisionTransformer:
-    base = dict(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3)
-    return VisionTransformer(ViTConfig(**{**base, **kw}))
 
 
 # ----------------------------------------------------------------------------- convert.py
