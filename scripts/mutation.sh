@@ -20,6 +20,8 @@
 # only those are run; the others are reported as "not checked"), MUTATION_SAMPLE=N with
 # MUTATION_SEED=S (default 0): run a seeded uniform random sample of N of all the mutants instead
 # (a full run is ~hours on 2 cores; the score of a sample comes with its 95% interval).
+# While writing tests, scripts/mutation_check.sh reruns chosen mutants against the current tests
+# in minutes, reusing the workdir of an earlier run (MUTATION_BASE=that MUTATION_WORKDIR).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
