@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _files import write_tar, write_tree
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -60,20 +61,11 @@ def jpeg_bytes(h: int = 8, w: int = 8, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def make_folder(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
+make_folder = write_tree
 
 
 def make_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as tf:
-        for rel, data in files.items():
-            info = tarfile.TarInfo(rel)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(path, files, mode)
 
 
 def small_tree(corrupt: bool = False) -> dict[str, bytes]:
