@@ -166,12 +166,15 @@ def _img_size(model, meta: dict) -> int | None:
 def _data(args, model, meta: dict):
     """(train split with eval transforms, test split, DataInfo) for this model's input size."""
     from ..data import TransformedDataset, build_data
+    from ..data.build import run_stats
 
     name = args.data or meta.get("data") or "cifar10-mini"
     # a hub model (timm:/torchvision:/hf:) sees images through its own resize, crop, interpolation and
-    # mean/std (meta["preprocess"]); a vitlens run at its recorded size
+    # mean/std (meta["preprocess"]); a vitlens run at its recorded size (and a fine-tune from pretrained
+    # weights with their mean/std, as it trained: run_stats)
     train_ds, test_ds, info = build_data(
-        name, args.data_dir, img_size=_img_size(model, meta), preprocess=meta.get("preprocess")
+        name, args.data_dir, img_size=_img_size(model, meta), preprocess=meta.get("preprocess"),
+        **run_stats(meta),
     )
     train_eval = TransformedDataset(train_ds.base, test_ds.transform)  # no augmentation for analysis
     return train_eval, test_ds, info

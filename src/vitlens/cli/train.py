@@ -74,6 +74,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from ..data import build_data
+    from ..data.build import run_stats
     from ..models.loading import load_model
     from ..train.harness import resolve_device
     from ..train.trainer import evaluate
@@ -94,6 +95,7 @@ def run_eval(args) -> int:
         args.data_dir,
         img_size=meta.get("img_size"),
         preprocess=meta.get("preprocess"),
+        **run_stats(meta),  # a fine-tune from pretrained weights: their mean/std, as it trained
     )
     check_classes(meta.get("classes"), info.classes, allow=args.allow_class_mismatch)
     result = evaluate(model.to(device), test_ds, batch_size=args.batch_size, device=device, progress=True)

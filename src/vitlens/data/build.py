@@ -120,6 +120,15 @@ def build_data(
     return train_ds, test_ds, info
 
 
+def run_stats(meta: dict) -> dict:
+    """``build_data``'s ``mean``/``std`` for looking at a trained run again: the statistics it was
+    trained with where they are not its data's own (a fine-tune from pretrained weights records their
+    source as ``meta["normalization"]``); ``{}`` otherwise, so the data's statistics apply as before."""
+    if not meta.get("normalization"):
+        return {}
+    return {"mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
+
+
 def _square_size(ds) -> int | None:
     """Side of a decoded dataset's (square, uniform) images; ``None`` if unknown or not square."""
     if isinstance(ds, TensorImageDataset):

@@ -71,13 +71,10 @@ def create_peer_model(spec: str, *, pretrained=False, **overrides) -> tuple[nn.M
 
 def create_pretrained_registered(name: str, pretrained, **overrides) -> tuple[nn.Module, dict]:
     """Pretrained weights for a registered name: its timm (ViT) or torchvision (ResNet) namesake's."""
-    import timm
-    import torchvision
-
-    config_class = model_config_class(name)
-    if config_class is ResNetConfig and name in torchvision.models.list_models():
+    hub = _registered_hub(name)
+    if hub == "torchvision":
         return _torchvision(name, pretrained, overrides)
-    if config_class is ViTConfig and timm.is_model(name):
+    if hub == "timm":
         return _timm(name, pretrained, overrides)
     raise ModelError(
         f"{name} is a vitlens-only model with no pretrained weights on a hub; train it "
@@ -85,13 +82,94 @@ def create_pretrained_registered(name: str, pretrained, **overrides) -> tuple[nn
     )
 
 
+def _registered_hub(name: str) -> str | None:
+    """The hub of a registered name's namesake: "torchvision" (ResNets), "timm" (ViTs) or None."""
+    import timm
+    import torchvision
+
+    config_class = model_config_class(name)
+    if config_class is ResNetConfig and name in torchvision.models.list_models():
+        return "torchvision"
+    if config_class is ViTConfig and timm.is_model(name):
+        return "timm"
+    return None
+
+
+def pretrained_stats(spec: str, pretrained=True) -> dict | None:
+    """``{"mean", "std", "source"}`` the pretrained weights of ``spec`` (a registered, ``timm:``,
+    ``torchvision:`` or ``hf:`` name) were trained with, read from the hub's metadata without loading
+    any weights (timm ``pretrained_cfg``, torchvision ``weights.transforms()``, the HF image processor);
+    ``None`` when they cannot be known (no pretrained cfg: no such weights, or a vitlens-only model).
+    The same lookup as :func:`create_peer_model` / :func:`create_pretrained_registered`, so a model
+    fine-tuned from these weights is fed the inputs they expect."""
+    if is_peer_name(spec):
+        lib, name = spec.split(":", 1)
+    else:
+        try:
+            lib, name = _registered_hub(spec), spec
+        except ModelError:  # not registered, or registered without a config class: no hub namesake
+            return None
+    if lib == "timm":
+        import timm
+
+        arch, full = _timm_full_name(name, pretrained)
+        if not timm.is_model(arch) or not timm.list_pretrained(f"{arch}.*"):
+            return None
+        try:
+            cfg = timm.models.get_pretrained_cfg(full)
+        except RuntimeError:  # timm: "Invalid pretrained tag"
+            return None
+        if cfg is None or cfg.mean is None or cfg.std is None:
+            return None
+        return _stats(cfg.mean, cfg.std, f"timm pretrained_cfg of {cfg.architecture}.{cfg.tag}")
+    if lib == "torchvision":
+        weights = _torchvision_weights(*_torchvision_name(name, pretrained), strict=False)
+        if weights is None:
+            return None
+        t = weights.transforms()
+        return _stats(t.mean, t.std, f"torchvision {weights}.transforms()")
+    if lib == "hf":
+        import transformers
+
+        where = f"{name} (config.json)"
+        config = _fetch(lambda: transformers.AutoConfig.from_pretrained(name), spec, where, _hf_cache())
+        pre = _hf_preprocess(name, config)
+        return _stats(pre["mean"], pre["std"], pre["source"])
+    return None
+
+
+def _stats(mean, std, source: str) -> dict:
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "source": source}
+
+
+def peer_config_fields(spec: str) -> set[str]:
+    """The keyword arguments a ``timm:``/``torchvision:``/``hf:`` model's builder takes, as far as the
+    trainer asks (does it take ``img_size``, ``in_chans``?). timm: its model class' signature, from
+    the model built on the meta device (no memory, no weights); torchvision and Hugging Face models
+    take their size from their own config, so none."""
+    lib, name = spec.split(":", 1)
+    if lib != "timm":
+        return set()
+    import inspect
+
+    import timm
+    import torch
+
+    arch = name.partition(".")[0]
+    if not timm.is_model(arch):
+        return set()  # building it says what is wrong
+    with torch.device("meta"):
+        peer = timm.create_model(arch)
+    params = inspect.signature(type(peer).__init__).parameters.values()
+    return {p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
+
+
 # -- timm ------------------------------------------------------------------------------------------
 def _timm(name: str, pretrained, overrides: dict) -> tuple[nn.Module, dict]:
     import timm
 
-    arch, _, tag = name.partition(".")
-    if isinstance(pretrained, str):
-        tag = pretrained
+    arch, full = _timm_full_name(name, pretrained)
+    tag = full.partition(".")[2]
     if not timm.is_model(arch):
         close = timm.list_models(f"{arch[:8]}*")[:5]
         raise ModelError(
@@ -99,7 +177,6 @@ def _timm(name: str, pretrained, overrides: dict) -> tuple[nn.Module, dict]:
             + (f"; similar: {', '.join(close)}" if close else "")
             + f"; see timm.list_models('{arch[:5]}*')"
         )
-    full = f"{arch}.{tag}" if tag else arch
     if not pretrained:
         peer = timm.create_model(full, pretrained=False, **overrides)
         return peer, {"preprocess": _timm_preprocess(peer)}
@@ -137,6 +214,14 @@ def _timm(name: str, pretrained, overrides: dict) -> tuple[nn.Module, dict]:
     return model, _pretrained_meta(_timm_preprocess(peer, size), f"timm:{full}")
 
 
+def _timm_full_name(name: str, pretrained) -> tuple[str, str]:
+    """``(arch, arch[.tag])``: ``pretrained`` given as a string is the tag."""
+    arch, _, tag = name.partition(".")
+    if isinstance(pretrained, str):
+        tag = pretrained
+    return arch, f"{arch}.{tag}" if tag else arch
+
+
 def _timm_preprocess(peer: nn.Module, size=None) -> dict:
     from timm.data import resolve_data_config
 
@@ -153,22 +238,12 @@ def _timm_preprocess(peer: nn.Module, size=None) -> dict:
 def _torchvision(name: str, pretrained, overrides: dict) -> tuple[nn.Module, dict]:
     import torchvision
 
-    name, _, tag = name.partition(".")  # torchvision:resnet50.IMAGENET1K_V2 names the weights
-    if tag and pretrained is True:
-        pretrained = tag
+    name, pretrained = _torchvision_name(name, pretrained)
     if name not in torchvision.models.list_models():
         raise ModelError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
     if not pretrained:
         return torchvision.models.get_model(name, weights=None, **overrides), {}
-    enum = torchvision.models.get_model_weights(name)
-    key = "DEFAULT" if pretrained is True else str(pretrained)
-    try:
-        weights = enum[key]
-    except KeyError:
-        raise ModelError(
-            f"torchvision has no weights {key!r} for {name}; choose one of "
-            f"{', '.join(['DEFAULT', *(m for m in enum.__members__ if m != 'DEFAULT')])}"  # DEFAULT once
-        ) from None
+    weights = _torchvision_weights(name, pretrained)
     classes = overrides.pop("num_classes", None)
     file = Path(_torch_cache()) / os.path.basename(weights.url)
     if not file.is_file() and offline():
@@ -189,6 +264,32 @@ def _torchvision(name: str, pretrained, overrides: dict) -> tuple[nn.Module, dic
     config = resnet_config(peer) or torchvision_vit_config(peer)
     fmt = "torchvision_vit" if hasattr(peer, "conv_proj") else "torchvision_resnet"
     return _as_vitlens(peer, config, fmt, classes), meta
+
+
+def _torchvision_name(name: str, pretrained) -> tuple[str, object]:
+    """``torchvision:resnet50.IMAGENET1K_V2`` names the weights: ``(model name, pretrained)``."""
+    name, _, tag = name.partition(".")
+    return name, tag if tag and pretrained is True else pretrained
+
+
+def _torchvision_weights(name: str, pretrained, strict: bool = True):
+    """The weights enum member ``pretrained`` (True: ``DEFAULT``) names; ``strict=False``: ``None``
+    where there is no such model or weights, instead of the :class:`ModelError`."""
+    import torchvision
+
+    if not strict and name not in torchvision.models.list_models():
+        return None
+    enum = torchvision.models.get_model_weights(name)
+    key = "DEFAULT" if pretrained is True else str(pretrained)
+    try:
+        return enum[key]
+    except KeyError:
+        if not strict:
+            return None
+        raise ModelError(
+            f"torchvision has no weights {key!r} for {name}; choose one of "
+            f"{', '.join(['DEFAULT', *(m for m in enum.__members__ if m != 'DEFAULT')])}"  # DEFAULT once
+        ) from None
 
 
 # -- Hugging Face -------------------------------------------------------------------------------------

@@ -127,6 +127,15 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def architecture_meta(model: nn.Module) -> dict:
+    """``{"arch", "config"}``: what rebuilds a vitlens ViT/ResNet without a registered name (a run
+    fine-tuned from ``timm:``/``torchvision:`` weights, which the hub converted to a vitlens module,
+    as ``save_pretrained`` records it); ``{}`` for any other module (a peer library's own)."""
+    if type(model) not in {model_class for model_class, _ in _ARCHS.values()}:
+        return {}
+    return {"arch": type(model).__name__, "config": model.config_dict()}
+
+
 # -- the cases -----------------------------------------------------------------------------------
 def _load(spec: str, *, model_name=None, num_classes=None, checkpoint=None, pretrained=False, which="last",
           overrides: dict) -> tuple[nn.Module, dict]:
@@ -211,6 +220,9 @@ def _from_vitlens_meta(path: Path, meta: dict) -> nn.Module:
         )
     if name and is_registered(name):
         return build_model(name, **config)
+    if name and hub.is_peer_name(name) and meta.get("arch") not in _ARCHS:
+        # a run of a timm:/torchvision: model kept as the peer's own module: the same call rebuilds it
+        return hub.create_peer_model(name, pretrained=False, **config)[0]
     if meta.get("arch") not in _ARCHS:
         raise CheckpointError(
             f"{path} names neither a registered model ({name!r}) nor a known architecture "

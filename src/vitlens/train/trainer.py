@@ -14,6 +14,7 @@ The batches come from :func:`build_train_loader` alone (an iterable of ``(images
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 from ..errors import DataError, ModelError
 from ..io import save_checkpoint
 from ..models import create_model
+from ..models.hub import is_peer_name, peer_config_fields, pretrained_stats
+from ..models.loading import architecture_meta
 from ..models.registry import is_registered, model_config_fields
 from ..utils import eval_mode
 from .config import TrainConfig
@@ -62,7 +65,10 @@ DATA_OPTIONS = ("fraction", "seed", "img_size", "augment", "randaugment", "rando
 
 # ------------------------------------------------------------------------------- pieces
 def model_fields(name: str) -> set[str]:
-    """The config fields of model ``name`` (empty for a builder registered without a config class)."""
+    """The config fields of model ``name`` (empty for a builder registered without a config class;
+    for ``timm:``/``torchvision:``/``hf:`` names, the keyword arguments its builder takes)."""
+    if is_peer_name(name):
+        return peer_config_fields(name)
     try:
         return model_config_fields(name)
     except ModelError:
@@ -96,6 +102,31 @@ def model_overrides(
             targs.setdefault("std", tuple(std))
             args["tokenizer_args"] = targs
     return args
+
+
+def input_stats(cfg: TrainConfig) -> dict | None:
+    """The mean/std to normalise the images with when they are not the data's own: fine-tuning
+    pretrained weights feeds them the statistics they were trained with (``{"mean", "std",
+    "source"}``, :func:`vitlens.models.hub.pretrained_stats`); ``None``: the data's statistics."""
+    return pretrained_stats(cfg.model, cfg.pretrained) if cfg.pretrained else None
+
+
+def stats_message(cfg: TrainConfig, info, weights_stats: dict | None) -> str:
+    """The one line that says which statistics a pretrained fine-tune normalises with, and why."""
+
+    def fmt(values) -> str:
+        return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+    stats = f"mean {fmt(info.mean)} std {fmt(info.std)}"
+    if weights_stats is not None:
+        return (
+            f"fine-tuning pretrained {cfg.model}: images normalised with {stats}, the statistics its "
+            f"weights were trained with ({weights_stats['source']}), not {cfg.data}'s own"
+        )
+    return (
+        f"fine-tuning pretrained {cfg.model}: the statistics its weights were trained with are unknown "
+        f"(no pretrained cfg), so images are normalised with {cfg.data}'s own {stats}"
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -189,7 +220,10 @@ def evaluate(
         if dist_info.enabled:
             dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    correct1 = correct5 = loss_sum = n = 0.0
+    # Sums stay on the device and are read once at the end: a read per batch would make a GPU wait
+    # for every batch before queueing the next (MPS has no float64).
+    sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    n = 0
     with eval_mode(model):
         for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress):
             images, labels = images.to(device), labels.to(device)
@@ -197,11 +231,14 @@ def evaluate(
                 logits = model(images).float()
                 if tta == "flip":  # mean of the logits of the image and its mirror
                     logits = (logits + model(images.flip(-1)).float()) / 2
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += (top[:, 0] == labels).sum().item()
-            correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+            sums += torch.stack([
+                F.cross_entropy(logits, labels, reduction="sum").to(sums.dtype),
+                (top[:, 0] == labels).sum().to(sums.dtype),
+                (top == labels[:, None]).any(dim=1).sum().to(sums.dtype),
+            ])
             n += len(labels)
+    loss_sum, correct1, correct5 = sums.tolist()
     correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], dist_info, device)
     return {
         "top1": 100 * correct1 / max(n, 1),
@@ -224,9 +261,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
     cfg, device, dinfo = run.cfg, run.device, run.dist
     local_bs = split_batch(cfg.batch_size, run)
 
-    # ---- data: the training split is a class-balanced nested fraction; the test split is whole
+    # ---- data: the training split is a class-balanced nested fraction; the test split is whole.
+    # Both are normalised with the data's statistics, or a pretrained model's own (input_stats).
     torch.manual_seed(cfg.seed)
-    train_ds, test_ds, info = build_data(cfg.data, cfg.data_dir, **{k: getattr(cfg, k) for k in DATA_OPTIONS})
+    weights_stats = input_stats(cfg)
+    norm = {"mean": weights_stats["mean"], "std": weights_stats["std"]} if weights_stats else {}
+    train_ds, test_ds, info = build_data(
+        cfg.data, cfg.data_dir, **{k: getattr(cfg, k) for k in DATA_OPTIONS}, **norm
+    )
     loader = build_train_loader(train_ds, cfg, dinfo, device, local_bs)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -239,6 +281,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
     # ---- model, optimiser, schedule, EMA
     margs = model_overrides(cfg, info.num_classes, info.img_size, info.in_chans, info.mean, info.std)
     model = create_model(cfg.model, pretrained=cfg.pretrained, **margs).to(device)
+    if cfg.pretrained and run.is_main:
+        print(stats_message(cfg, info, weights_stats), file=sys.stderr)
     if want_channels_last(cfg.channels_last, model):
         model = model.to(memory_format=torch.channels_last)
     n_params = count_params(model)
@@ -266,6 +310,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
         "mean": list(info.mean),
         "std": list(info.std),
         "data": cfg.data,
+        # where mean/std come from when not the data's own (the analyses normalise the same way)
+        **({"normalization": weights_stats["source"]} if weights_stats else {}),
+        # a timm:/torchvision: model converted to a vitlens module is rebuilt from its architecture
+        **(architecture_meta(model) if is_peer_name(cfg.model) else {}),
     }
     state = run.restore(model, optimizer, scheduler, scaler)
     if ema is not None and state:
