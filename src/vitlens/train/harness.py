@@ -33,14 +33,16 @@ from ..errors import CheckpointError, ConfigError, DeviceError, ResumeError, Tra
 from ..io import load_checkpoint, save_checkpoint
 from ..utils import check_out_folder
 from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .precision import match_param_layout, resolve_amp
+from .precision import keep_freed_memory, match_param_layout, resolve_amp
 from .run_folder import (
+    EXECUTION_KEYS,
     INVOCATION_KEYS,
     LAST,
     OVERRIDABLE_KEYS,
     MetricsLog,
     as_json,
     config_differences,
+    describe,
     has_checkpoint,
     refusal,
     remove_interrupted_writes,
@@ -263,14 +265,16 @@ def start_run(
 
     Device (DeviceError), process group (torchrun), the ``--out`` folder (ConfigError), and the
     resume contract: ``resume=True`` needs a folder with a checkpoint whose config.json equals
-    ``cfg`` except for INVOCATION_KEYS and the deliberate ``overrides`` (OVERRIDABLE_KEYS, applied
-    here and recorded in config.json); a new run refuses a folder that already holds one.
+    ``cfg`` except for INVOCATION_KEYS, where the run executes (EXECUTION_KEYS: said on stderr) and
+    the deliberate ``overrides`` (OVERRIDABLE_KEYS, applied here); both kinds of change are recorded
+    in config.json. A new run refuses a folder that already holds one.
     ``distributed=False``: a task that runs in one process whatever torchrun says.
     """
     run_dir = Path(cfg.out)
     overrides = dict(overrides or {})
     names = {f.name for f in fields(cfg)}
     applied: dict[str, tuple[Any, Any]] = {}
+    moved: dict[str, tuple[Any, Any]] = {}  # EXECUTION_KEYS this resume changes
     if overrides and not resume:
         raise ConfigError("--override changes a run being resumed; for a new run set the values directly")
     check_out_folder(run_dir)
@@ -287,6 +291,8 @@ def start_run(
         stored = stored_config(run_dir, type(cfg))
         # "out" is the same folder however the path is spelt
         diffs = config_differences(stored, asdict(cfg), ignore=INVOCATION_KEYS | set(overrides) | {"out"})
+        moved = {k: d for k, d in diffs.items() if k in EXECUTION_KEYS}  # another machine, not another run
+        diffs = {k: d for k, d in diffs.items() if k not in EXECUTION_KEYS}
         if diffs:
             raise ResumeError(refusal(run_dir, diffs, names))
         try:
@@ -296,15 +302,23 @@ def start_run(
         applied = {
             k: (stored.get(k), as_json(v)) for k, v in overrides.items() if stored.get(k) != as_json(v)
         }
+        applied.update(moved)
     elif has_checkpoint(run_dir):
         raise ResumeError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
 
     device = resolve_device(getattr(cfg, "device", "cpu"))
+    keep_freed_memory()  # each step reallocates the last step's activations: reuse, don't page-fault
     dinfo = init_distributed(device.type) if distributed else DistInfo()
     if dinfo.enabled and device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
+    if moved and dinfo.is_main:
+        print(
+            f"resuming {run_dir} with {describe(moved)} (where it runs, not what it computes; recorded "
+            "in config.json)",
+            file=sys.stderr,
+        )
     return Run(
         cfg=cfg,
         dir=run_dir,

@@ -8,7 +8,9 @@
 
 Resume is a contract: config.json is the truth. A resume that would change the run is refused
 with every difference listed; only the length of the run and how often it evaluates may change
-on purpose (``overrides``), and each such change is recorded in config.json.
+on purpose (``overrides``), and each such change is recorded in config.json. Where the run executes
+(EXECUTION_KEYS: another device, compiled or not, ...) may change without ``--override``: it is said
+on stderr and recorded in config.json the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ INVOCATION_KEYS = frozenset(
 # Keys a resume may change on purpose (``overrides``, recorded in config.json): the length of the
 # run and how often it evaluates. Anything else would make the checkpoint belong to another run.
 OVERRIDABLE_KEYS = INVOCATION_KEYS | {"epochs", "max_steps", "eval_every"}
+# Keys that say where and how fast the run executes, not what it computes: a resume may take new
+# values (a run trained on a GPU goes on on a CPU; "auto" becomes "cpu"), as Hugging Face's Trainer
+# and timm allow. Unlike INVOCATION_KEYS they describe the run, so a change is said on stderr and
+# recorded in config.json's override history. The same values continue bit for bit; other ones
+# compute the same function up to floating-point rounding (other kernels, another memory layout)
+# and, for data_path, with other random draws of the same augmentation (as num_workers already does
+# under data_path='auto'). Not here on purpose: amp (bf16/fp16 round every matmul: another
+# computation) and every evaluation option (tta, eval_iters, eval_bleu, beam_size, ...), whose
+# change would mix two definitions of a metric in one metrics.jsonl.
+EXECUTION_KEYS = frozenset({"device", "compile", "channels_last", "data_path"})
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
@@ -146,7 +158,7 @@ def config_differences(stored: dict, cfg_values: dict, ignore=()) -> dict[str, t
     }
 
 
-def _describe(diffs: dict[str, tuple[Any, Any]]) -> str:
+def describe(diffs: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diffs.items())
 
 
@@ -171,7 +183,8 @@ def resume_config(cls, run_dir: str | Path, given: dict | None = None):
 
     ``given``: the values the user set for this invocation (flags, a --config file). A value that
     differs from the run's is refused (ResumeError listing each difference) unless it only says
-    how this invocation runs (INVOCATION_KEYS); those are taken from ``given`` or the defaults.
+    how this invocation runs (INVOCATION_KEYS; taken from ``given`` or the defaults) or where the
+    run executes (EXECUTION_KEYS; taken from ``given`` or config.json, and start_run records it).
     """
     require_checkpoint(Path(run_dir))
     if not (Path(run_dir) / "config.json").is_file():
@@ -179,12 +192,12 @@ def resume_config(cls, run_dir: str | Path, given: dict | None = None):
     stored = stored_config(run_dir, cls)
     given = dict(given or {})
     names = {f.name for f in fields(cls)}
-    diffs = config_differences(stored, given, ignore=INVOCATION_KEYS | {"out"})
+    diffs = config_differences(stored, given, ignore=INVOCATION_KEYS | EXECUTION_KEYS | {"out"})
     diffs = {k: d for k, d in diffs.items() if k in given}
     if diffs:
         raise ResumeError(refusal(run_dir, diffs, names))
     values = {k: v for k, v in stored.items() if k in names and k not in INVOCATION_KEYS}
-    values.update({k: v for k, v in given.items() if k in INVOCATION_KEYS and k in names})
+    values.update({k: v for k, v in given.items() if k in INVOCATION_KEYS | EXECUTION_KEYS and k in names})
     values["out"] = str(run_dir)
     try:
         return cls(**values)
@@ -195,7 +208,7 @@ def resume_config(cls, run_dir: str | Path, given: dict | None = None):
 def refusal(run_dir, diffs: dict, names: set[str]) -> str:
     safe = sorted(OVERRIDABLE_KEYS & names)
     return (
-        f"--resume would change the run in {run_dir} ({_describe(diffs)}); its config.json is the "
+        f"--resume would change the run in {run_dir} ({describe(diffs)}); its config.json is the "
         f"truth: resume with the same settings, start a new run with another --out, or change one of "
         f"{', '.join(safe)} on purpose with --override KEY=VALUE"
     )
