@@ -534,7 +534,7 @@ def test_resnet_cifar_stem_and_stage_geometry():
     assert m.layer1[0].downsample is None and m.layer2[0].downsample is not None
     feats = m.forward_features(x)
     torch.testing.assert_close(m.forward_head(feats, pre_logits=True), feats.mean(dim=(2, 3)))
-    with pytest.raises(ValueError, match="expected images"):
+    with pytest.raises(ValueError, match="built for 3-channel images, got 1-channel images"):
         m(torch.randn(2, 1, 32, 32))
     with pytest.raises(ModelError):
         vitlens.create_model("resnet20", block="basic", base_width=128)

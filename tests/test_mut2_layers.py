@@ -174,9 +174,9 @@ def test_attention_errors_name_the_problem_and_the_fix():
     with pytest.raises(ModelError) as e:
         Attention(30, 4)
     assert str(e.value) == "dim 30 is not divisible by num_heads 4; pick a head count that divides it"
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ModelError) as e:
         Attention(D, H, cross=True)(torch.randn(1, 2, D))
-    assert str(e.value) == "cross-attention needs a context (the encoder output)"
+    assert str(e.value) == "cross-attention needs a context (the encoder output); pass it as context=..."
     with pytest.raises(TypeError) as e:
         build_attention_mask(3, 3, key_padding_mask=torch.zeros(1, 3))
     assert str(e.value) == "key_padding_mask must be a bool tensor (True = padding)"

@@ -89,54 +89,88 @@ def test_valid_configs_pass_their_checks():
 # ----------------------------------------------------------------------------- input messages
 def test_model_input_errors_in_full():
     vit = _tiny_vit()
-    _raises(ValueError, "expected images (B, C, H, W), got shape (3, 8, 8)", vit, torch.zeros(3, 8, 8))
     _raises(
-        ValueError,
-        "model built for 3-channel images, got 1 channels (shape (2, 1, 8, 8)); convert the images "
-        "(e.g. RGB) or build the model with in_chans=1",
+        ModelError,
+        "VisionTransformer expects a batch of images (B, 3, H, W), got shape (3, 8, 8); add the batch "
+        "dimension with x.unsqueeze(0)",
+        vit,
+        torch.zeros(3, 8, 8),
+    )
+    _raises(
+        ModelError,
+        "VisionTransformer was built for 3-channel images, got 1-channel images (shape (2, 1, 8, 8)); "
+        "convert the images (e.g. grayscale to RGB) or build the model with in_chans=1",
         vit,
         torch.zeros(2, 1, 8, 8),
     )
     _raises(
-        ValueError,
-        "model built for (8, 8) images, got (12, 12); call model.set_image_size((12, 12)) to resample "
-        "the position embeddings",
+        ModelError,
+        "VisionTransformer was built for 8x8 images, got 12x12; resize the images to 8x8 or call "
+        "model.set_image_size((12, 12)) to adapt the model (its position embeddings are resampled)",
         vit,
         torch.zeros(1, 3, 12, 12),
     )
     resnet = ResNet(ResNetConfig(layers=(1,), widths=(4,), stem="cifar", num_classes=2))
     _raises(
-        ValueError, "expected images (B, 3, H, W), got shape (1, 2, 8, 8)", resnet, torch.zeros(1, 2, 8, 8)
+        ModelError,
+        "ResNet was built for 3-channel images, got 2-channel images (shape (1, 2, 8, 8)); convert the "
+        "images (e.g. grayscale to RGB) or build the model with in_chans=2",
+        resnet,
+        torch.zeros(1, 2, 8, 8),
     )
-    _raises(ValueError, "expected images (B, 3, H, W), got shape (3, 8, 8)", resnet, torch.zeros(3, 8, 8))
-    fast = ResNetFast(ResNetFastConfig(widths=(4, 8), residual=(False,), in_chans=1))
-    _raises(ValueError, "expected images (B, 1, H, W), got shape (1, 3, 8, 8)", fast, torch.zeros(1, 3, 8, 8))
-    bert = Bert(BertConfig(vocab_size=11, max_len=4, depth=1, num_heads=2, embed_dim=8, dropout=0.0))
-    _raises(ValueError, "expected token ids of shape (B, T), got (5,)", bert, torch.ones(5, dtype=torch.long))
     _raises(
-        ValueError,
-        "sequence of 5 tokens exceeds max_len 4; truncate it",
+        ModelError,
+        "ResNet expects a batch of images (B, 3, H, W), got shape (3, 8, 8); add the batch dimension with "
+        "x.unsqueeze(0)",
+        resnet,
+        torch.zeros(3, 8, 8),
+    )
+    fast = ResNetFast(ResNetFastConfig(widths=(4, 8), residual=(False,), in_chans=1))
+    _raises(
+        ModelError,
+        "ResNetFast was built for 1-channel images, got 3-channel images (shape (1, 3, 8, 8)); convert the "
+        "images (e.g. grayscale to RGB) or build the model with in_chans=3",
+        fast,
+        torch.zeros(1, 3, 8, 8),
+    )
+    bert = Bert(BertConfig(vocab_size=11, max_len=4, depth=1, num_heads=2, embed_dim=8, dropout=0.0))
+    _raises(
+        ModelError,
+        "Bert expects token ids of shape (B, T), got (5,); add the batch dimension with ids.unsqueeze(0)",
+        bert,
+        torch.ones(5, dtype=torch.long),
+    )
+    _raises(
+        ModelError,
+        "sequence of 5 tokens exceeds the max_len of Bert (4, its learned position table); truncate it to 4 "
+        "tokens",
         bert,
         torch.ones(1, 5, dtype=torch.long),
     )
     gpt = GPT(GPTConfig(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8, dropout=0.0))
-    _raises(ValueError, "expected token ids of shape (B, T), got (5,)", gpt, torch.ones(5, dtype=torch.long))
     _raises(
-        ValueError,
-        "sequence of 5 tokens exceeds the context of 4; crop it to the last block_size tokens",
+        ModelError,
+        "GPT expects token ids of shape (B, T), got (5,); add the batch dimension with ids.unsqueeze(0)",
+        gpt,
+        torch.ones(5, dtype=torch.long),
+    )
+    _raises(
+        ModelError,
+        "sequence of 5 tokens exceeds the context of GPT (4 tokens); crop it to the last 4 tokens "
+        "(generate() does this itself)",
         gpt,
         torch.ones(1, 5, dtype=torch.long),
     )
     _raises(
-        ValueError,
-        "kv_cache needs one dict per block (1), got 2",
+        ModelError,
+        "kv_cache needs one dict per block (1), got 2; start it with model.new_cache()",
         gpt.forward_features,
         torch.ones(1, 2, dtype=torch.long),
         kv_cache=[{}, {}],
     )
     _raises(
         ValueError,
-        "temperature must be >= 0, got -0.5",
+        "temperature must be >= 0 (0 = greedy), got -0.5",
         gpt.generate,
         torch.ones(1, 1, dtype=torch.long),
         2,
@@ -157,14 +191,16 @@ def test_model_input_errors_in_full():
     )
     _raises(
         ValueError,
-        "sequence of 5 tokens exceeds max_len 4; truncate the input or build the model with a larger max_len",
+        "sequence of 5 tokens exceeds max_len 4; truncate the input or build the model with a larger max_len "
+        "(its sinusoidal positions need no training)",
         s2s.encode,
         torch.ones(1, 5, dtype=torch.long),
     )
     memory = s2s.encode(torch.ones(1, 2, dtype=torch.long))
     _raises(
         ValueError,
-        "sequence of 5 tokens exceeds max_len 4; truncate the input or build the model with a larger max_len",
+        "sequence of 5 tokens exceeds max_len 4; truncate the input or build the model with a larger max_len "
+        "(its sinusoidal positions need no training)",
         s2s.decode,
         torch.ones(1, 2, dtype=torch.long),
         memory,

@@ -127,7 +127,13 @@ def test_tokenizer_errors_in_full(tmp_path):
     _raises(
         ValueError, "expected RGB images (B, 3, H, W), got shape (3, 16, 16)", pix, torch.zeros(3, 16, 16)
     )
-    _raises(ValueError, "pixel tokenizer built for (16, 16) images, got (8, 8)", pix, torch.zeros(1, 3, 8, 8))
+    _raises(
+        ModelError,
+        "pixel tokenizer built for 16x16 images, got 8x8; resize the images to 16x16 "
+        "(its input size is fixed)",
+        pix,
+        torch.zeros(1, 3, 8, 8),
+    )
     _raises(
         ValueError,
         "fit_palette expects uint8 images (0..255), got torch.float32; convert with (x * 255).round()",
@@ -174,13 +180,13 @@ def test_tokenizer_errors_in_full(tmp_path):
     )
     _raises(
         ValueError,
-        "VQ tokenizer built for (B, 3, 16, 16) images, got (1, 3, 8, 8)",
+        "VQ tokenizer built for 16x16 images, got 8x8; resize the images or call set_image_size((8, 8))",
         vqt,
         torch.zeros(1, 3, 8, 8),
     )
     _raises(
         ValueError,
-        "VQ tokenizer built for (B, 3, 16, 16) images, got (3, 16, 16)",
+        "VQ tokenizer expects a batch of images (B, 3, H, W), got shape (3, 16, 16)",
         vqt,
         torch.zeros(3, 16, 16),
     )
@@ -228,7 +234,10 @@ def test_tokenizer_errors_in_full(tmp_path):
         (20, 18),
     )
     _raises(
-        ValueError, "hybrid tokenizer built for (16, 16) images, got (8, 8)", hyb, torch.zeros(1, 3, 8, 8)
+        ModelError,
+        "hybrid tokenizer built for 16x16 images, got 8x8; resize the images or call set_image_size((8, 8))",
+        hyb,
+        torch.zeros(1, 3, 8, 8),
     )
     _raises(
         ModelError,
@@ -273,7 +282,12 @@ def test_tokenizer_errors_in_full(tmp_path):
     with pytest.warns(UserWarning):
         pixel_vit = _tok_vit("pixel", k=8, resolution=4)
     assert not hasattr(pixel_vit.patch_embed, "set_image_size")
-    _raises(ValueError, "the 'pixel' tokenizer has a fixed input size", pixel_vit.set_image_size, 32)
+    _raises(
+        ModelError,
+        "the 'pixel' tokenizer has a fixed input size; resize the images to 16x16 instead",
+        pixel_vit.set_image_size,
+        32,
+    )
 
 
 def _quantizer_1d(ema: bool, decay: float = 0.5, dead_threshold: float = 0.0) -> VectorQuantizer:

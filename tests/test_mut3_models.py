@@ -145,9 +145,12 @@ def test_hybrid_grid_counts_tokens_along_the_height_of_a_non_square_image():
 
 def test_hybrid_vit_unbatched_image_of_the_wrong_size_names_its_size():
     m = _tiny_vit(img_size=16, tokenizer="hybrid", tokenizer_args=dict(layers=(1,), widths=(4,)))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ModelError) as e:
         m(torch.zeros(3, 8, 8))
-    assert str(e.value) == "hybrid tokenizer built for (16, 16) images, got (8, 8)"
+    assert str(e.value) == (
+        "VisionTransformer expects a batch of images (B, 3, H, W), got shape (3, 8, 8); add the batch "
+        "dimension with x.unsqueeze(0)"
+    )
 
 
 # ----------------------------------------------------------------------------- palette

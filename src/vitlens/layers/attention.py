@@ -125,7 +125,9 @@ class Attention(nn.Module):
         B, L, C = x.shape
         if self.cross:
             if context is None:
-                raise ValueError("cross-attention needs a context (the encoder output)")
+                raise ModelError(
+                    "cross-attention needs a context (the encoder output); pass it as context=..."
+                )
             q = self._split_heads(self.q(x))
             k, v = (self._split_heads(t) for t in self.kv(context).split(C, dim=-1))
         else:

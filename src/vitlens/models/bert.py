@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..layers import Block, HookPoint, LayerNorm
+from .inputs import check_token_ids, model_label
 from .registry import register_models
 
 
@@ -91,11 +93,14 @@ class Bert(nn.Module):
     ) -> torch.Tensor:
         """Token ids (B, T) -> contextual states (B, T, D). Padding (``pad_id`` unless a mask is given)
         is never attended to."""
-        if ids.dim() != 2:
-            raise ValueError(f"expected token ids of shape (B, T), got {tuple(ids.shape)}")
+        who = model_label(self)
+        check_token_ids(ids, self.cfg.vocab_size, who)
         T = ids.shape[1]
         if T > self.cfg.max_len:
-            raise ValueError(f"sequence of {T} tokens exceeds max_len {self.cfg.max_len}; truncate it")
+            raise ModelError(
+                f"sequence of {T} tokens exceeds the max_len of {who} ({self.cfg.max_len}, its learned "
+                f"position table); truncate it to {self.cfg.max_len} tokens"
+            )
         if key_padding_mask is None:
             key_padding_mask = self.padding_mask(ids)
         if not key_padding_mask.any():

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..layers import Block, HookPoint, LayerNorm
+from .inputs import check_token_ids, model_label
 from .registry import register_models
 
 
@@ -85,16 +86,19 @@ class GPT(nn.Module):
         With ``kv_cache`` (one dict per block) the ids are the *new* tokens and ``start_pos``
         the number already in the cache, which is where their positions start.
         """
-        if idx.dim() != 2:
-            raise ValueError(f"expected token ids of shape (B, T), got {tuple(idx.shape)}")
+        who = model_label(self)
+        check_token_ids(idx, self.cfg.vocab_size, who)
         T = idx.shape[1]
         if start_pos + T > self.cfg.block_size:
-            raise ValueError(
-                f"sequence of {start_pos + T} tokens exceeds the context of {self.cfg.block_size}; "
-                "crop it to the last block_size tokens"
+            raise ModelError(
+                f"sequence of {start_pos + T} tokens exceeds the context of {who} ({self.cfg.block_size} "
+                f"tokens); crop it to the last {self.cfg.block_size} tokens (generate() does this itself)"
             )
         if kv_cache is not None and len(kv_cache) != len(self.blocks):
-            raise ValueError(f"kv_cache needs one dict per block ({len(self.blocks)}), got {len(kv_cache)}")
+            raise ModelError(
+                f"kv_cache needs one dict per block ({len(self.blocks)}), got {len(kv_cache)}; start it "
+                "with model.new_cache()"
+            )
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)
         x = self.hook_embed(self.drop(self.wte(idx) + self.wpe(pos)))  # (B, T, D)
         for i, blk in enumerate(self.blocks):
@@ -129,7 +133,7 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T). ``temperature=0`` is greedy."""
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise ModelError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         bs = self.cfg.block_size
         cache, cached = None, 0  # cached: tokens whose keys/values are in the cache
         for _ in range(max_new_tokens):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .inputs import check_image_batch, model_label
 from .registry import register_models
 
 
@@ -147,8 +148,7 @@ class ResNet(nn.Module):
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.cfg.layers))]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans:
-            raise ValueError(f"expected images (B, {self.cfg.in_chans}, H, W), got shape {tuple(x.shape)}")
+        check_image_batch(x, self.cfg.in_chans, model_label(self))
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in self.stages:
             x = stage(x)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .inputs import check_image_batch, model_label
 from .registry import register_models
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "celu": lambda: nn.CELU(alpha=0.075)}
@@ -91,8 +92,14 @@ class ResNetFast(nn.Module):
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.cfg.residual))]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans:
-            raise ValueError(f"expected images (B, {self.cfg.in_chans}, H, W), got shape {tuple(x.shape)}")
+        who = model_label(self)
+        check_image_batch(x, self.cfg.in_chans, who)
+        smallest = 2 ** len(self.stages)  # each stage halves the image with a 2x2 max-pool (floor)
+        if min(x.shape[-2:]) < smallest:
+            raise ModelError(
+                f"{who} halves the image in each of its {len(self.stages)} stages, so it needs images of at "
+                f"least {smallest}x{smallest}, got {x.shape[-2]}x{x.shape[-1]}; upsample the images"
+            )
         x = self.prep(x)
         for stage in self.stages:
             x = stage(x)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..layers import Block, CrossBlock, HookPoint, LayerNorm, sincos_1d
+from .inputs import check_token_ids, model_label
 from .registry import register_models
 
 
@@ -91,11 +92,13 @@ class Seq2SeqTransformer(nn.Module):
                 emb.weight[self.cfg.pad_id].zero_()
 
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        check_token_ids(ids, emb.num_embeddings, model_label(self))
         T = ids.shape[1]
         if start_pos + T > self.cfg.max_len:
-            raise ValueError(
+            raise ModelError(
                 f"sequence of {start_pos + T} tokens exceeds max_len {self.cfg.max_len}; "
-                "truncate the input or build the model with a larger max_len"
+                "truncate the input or build the model with a larger max_len (its sinusoidal positions "
+                "need no training)"
             )
         pos = self.pos_table[start_pos : start_pos + T]  # (T, D)
         return self.drop(emb(ids) * math.sqrt(self.cfg.d_model) + pos)
@@ -127,7 +130,14 @@ class Seq2SeqTransformer(nn.Module):
         ``start_pos`` how many came before. Target padding needs no mask: padding sits after
         every real token, so the causal mask already hides it from them.
         """
+        if memory is None:
+            raise ModelError("decode needs the encoder's output as memory; compute it with model.encode(src)")
         x = self.hook_tgt_embed(self._embed(self.tgt_embed, tgt, start_pos))
+        if memory.shape[0] not in (1, tgt.shape[0]):  # one memory broadcasts to every target
+            raise ModelError(
+                f"{tgt.shape[0]} target sequence(s) but {memory.shape[0]} source sequence(s) in memory; "
+                "give one target per source"
+            )
         for i, blk in enumerate(self.decoder):
             x = blk(
                 x,

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import ModelError
 from ..layers import Block, HookPoint, resample_pos_embed, sincos_2d
 from ..layers.patch_embed import check_divisible
+from .inputs import check_image_batch, model_label
 from .registry import register_models
 from .tokenizers import build_image_tokenizer
 
@@ -147,7 +148,11 @@ class VisionTransformer(nn.Module):
     def set_image_size(self, img_size) -> None:
         """Adapt to another input size: the learned position table is resampled bicubically."""
         if not hasattr(self.patch_embed, "set_image_size"):
-            raise ValueError(f"the {self.cfg.tokenizer!r} tokenizer has a fixed input size")
+            h, w = self.patch_embed.img_size
+            raise ModelError(
+                f"the {self.cfg.tokenizer!r} tokenizer has a fixed input size; resize the images to {h}x{w} "
+                "instead"
+            )
         old_grid = self.patch_embed.grid_size
         self.patch_embed.set_image_size(img_size)
         self.cfg.img_size = img_size
@@ -160,21 +165,23 @@ class VisionTransformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 and self.cfg.tokenizer == "patch":
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.dim() == 4 and x.shape[1] != self.cfg.in_chans:
-            raise ValueError(
-                f"model built for {self.cfg.in_chans}-channel images, got {x.shape[1]} channels "
-                f"(shape {tuple(x.shape)}); convert the images (e.g. RGB) or build the model with "
-                f"in_chans={x.shape[1]}"
-            )
+        """Every tokenizer takes a float (B, in_chans, H, W) batch of the size the model was built for."""
+        who = model_label(self)
+        check_image_batch(x, self.cfg.in_chans, who)
         if self.cfg.tokenizer == "patch":
             check_divisible(tuple(x.shape[-2:]), self.patch_embed.patch_size)
-            if tuple(x.shape[-2:]) != tuple(self.patch_embed.img_size):
-                raise ValueError(
-                    f"model built for {tuple(self.patch_embed.img_size)} images, got {tuple(x.shape[-2:])}; "
-                    f"call model.set_image_size({tuple(x.shape[-2:])}) to resample the position embeddings"
-                )
+        (h, w), (H, W) = tuple(self.patch_embed.img_size), tuple(x.shape[-2:])
+        if (H, W) != (h, w):
+            ph, pw = self.patch_embed.patch_size  # input pixels per token
+            if not hasattr(self.patch_embed, "set_image_size"):
+                fix = (f"resize the images to {h}x{w} (the {self.cfg.tokenizer!r} tokenizer has a fixed "
+                       "input size)")
+            elif H % ph or W % pw:
+                fix = f"resize the images to {h}x{w} ({H}x{W} is not a multiple of its {ph}x{pw} tokens)"
+            else:
+                fix = (f"resize the images to {h}x{w} or call model.set_image_size(({H}, {W})) to adapt the "
+                       "model (its position embeddings are resampled)")
+            raise ModelError(f"{who} was built for {h}x{w} images, got {H}x{W}; {fix}")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> token sequence (B, prefix + N, D) entering the first block."""

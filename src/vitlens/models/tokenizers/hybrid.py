@@ -58,7 +58,11 @@ class HybridEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"hybrid tokenizer built for {self.img_size} images, got {tuple(x.shape[-2:])}")
+            (h, w), (H, W) = self.img_size, tuple(x.shape[-2:])
+            raise ModelError(
+                f"hybrid tokenizer built for {h}x{w} images, got {H}x{W}; resize the images or call "
+                f"set_image_size(({H}, {W}))"
+            )
         x = _features(self.backbone, x)  # (B, C, H/s, W/s)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
 

@@ -52,13 +52,13 @@ def _as_pixels(images) -> torch.Tensor:
     """uint8 images (N, H, W, 3) or (N, 3, H, W), numpy or torch -> float pixels (M, 3) in 0..255."""
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype != torch.uint8:
-        raise ValueError(
+        raise ModelError(
             f"fit_palette expects uint8 images (0..255), got {x.dtype}; convert with (x * 255).round()"
         )
     if x.ndim == 4 and x.shape[1] == 3 and x.shape[-1] != 3:
         x = x.permute(0, 2, 3, 1)  # (N, 3, H, W) -> (N, H, W, 3)
     if x.shape[-1] != 3:
-        raise ValueError(f"expected RGB images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
+        raise ModelError(f"expected RGB images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
     return x.reshape(-1, 3).float()
 
 
@@ -177,9 +177,13 @@ class PixelTokenizer(nn.Module):
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> palette indices (B, r, r)."""
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected RGB images (B, 3, H, W), got shape {tuple(x.shape)}")
+            raise ModelError(f"expected RGB images (B, 3, H, W), got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"pixel tokenizer built for {self.img_size} images, got {tuple(x.shape[-2:])}")
+            (h, w), (H, W) = self.img_size, tuple(x.shape[-2:])
+            raise ModelError(
+                f"pixel tokenizer built for {h}x{w} images, got {H}x{W}; resize the images to {h}x{w} "
+                "(its input size is fixed)"
+            )
         rgb = self.unnormalize(x) * 255  # back to 0..255
         rgb = F.adaptive_avg_pool2d(rgb, self.resolution)  # box downsampling, (B, 3, r, r)
         return assign_palette(rgb.permute(0, 2, 3, 1), self.palette)  # (B, r, r)

@@ -297,10 +297,15 @@ class VQTokenizer(nn.Module):
 
     def tokenize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> code indices (B, h, w)."""
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"VQ tokenizer built for (B, 3, {self.img_size[0]}, {self.img_size[1]}) images, "
-                f"got {tuple(x.shape)}"
+        if x.dim() != 4:
+            raise ModelError(
+                f"VQ tokenizer expects a batch of images (B, 3, H, W), got shape {tuple(x.shape)}"
+            )
+        if tuple(x.shape[-2:]) != self.img_size:
+            (h, w), (H, W) = self.img_size, tuple(x.shape[-2:])
+            raise ModelError(
+                f"VQ tokenizer built for {h}x{w} images, got {H}x{W}; resize the images or call "
+                f"set_image_size(({H}, {W}))"
             )
         return encode_indices(self.encoder, self.quantizer, self.unnormalize(x))
 
