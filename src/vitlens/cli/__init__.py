@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ..train.precision import keep_freed_memory
+
+    keep_freed_memory()  # every command reallocates tensors of the same sizes (see its docstring)
     try:
         return int(args.func(args) or 0)
     except (VitlensError, *PATH_ERRORS) as e:
