@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import vitlens
 from vitlens.models.convert import export_timm_state_dict
-from vitlens.train.precision import matmul_flops
+from vitlens.train.precision import keep_freed_memory, matmul_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # process-wide, so both models get it; `vitlens train` runs with it
     device = torch.device(args.device)
     overrides = dict(img_size=args.img_size, patch_size=args.patch_size, num_classes=args.num_classes)
 

@@ -33,6 +33,9 @@ def test_study_end_to_end_resume_and_report(tmp_path, capsys):
         assert (
             0 <= r["test_top1"] <= 100 and r["params"] > 0 and (out / r["run_dir"] / "summary.json").exists()
         )
+    # what each run saw: 1 epoch of 200 / 1,000 images in batches of 64 (a last short batch counts)
+    saw = {(r["train_images"], r["epochs"], r["steps"], r["images_seen"]) for r in results["runs"]}
+    assert sorted(saw) == [(200, 1, 4, 200), (1000, 1, 16, 1000)]
     within = results["cka"]["within"]["ViT-CLS"]["matrix"]
     assert all(abs(within[i][i] - 1) < 1e-6 for i in range(len(within)))
     assert set(results["attention_distance"]["ViT-GAP"]) == {"0.1", "0.5"}

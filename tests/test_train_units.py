@@ -268,7 +268,7 @@ def test_model_json_metrics_and_summary_hold_what_they_say(tmp_path):
         "data": "cifar10-mini",
     }
     records = _records(out)
-    assert [(r["epoch"], r["step"]) for r in records] == [(1, 2), (2, 4)]
+    assert [(r["epoch"], r["step"], r["images"]) for r in records] == [(1, 2, 20), (2, 4, 20)]
     for r in records:
         assert r["img_per_s"] == pytest.approx(20 / r["epoch_time_s"], rel=1e-9)
         assert (r["test_top1"], r["test_top5"], r["test_loss"]) == pytest.approx(
@@ -283,6 +283,8 @@ def test_model_json_metrics_and_summary_hold_what_they_say(tmp_path):
         "flops_per_image": counter.get_total_flops(),
         "train_images": 20,
         "epochs": 2,
+        "steps": 4,  # 2 epochs of 20 images in batches of 10
+        "images_seen": 40,
         "train_time_s": pytest.approx(sum(r["epoch_time_s"] for r in records), rel=1e-9),
         "img_per_s": records[-1]["img_per_s"],
         "test_top1": 45.0,
@@ -388,6 +390,9 @@ def test_a_stopped_run_continued_equals_an_unbroken_one(tmp_path):
     _, meta, _ = _state(rest["out"], "best")
     assert meta["epoch"] == 1
     assert rest["summary"]["train_time_s"] == pytest.approx(sum(r["epoch_time_s"] for r in rb), rel=1e-9)
+    # what the run saw counts the epochs before the break too
+    assert (rest["summary"]["steps"], rest["summary"]["images_seen"]) == (3 * STEPS_PER_EPOCH, 3 * 20)
+    assert (whole["summary"]["steps"], whole["summary"]["images_seen"]) == (3 * STEPS_PER_EPOCH, 3 * 20)
 
 
 def test_no_training_batches_is_a_data_error_and_one_batch_is_enough(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="default (embedded data: 159 s on the idle 2-core CPU machine) | cpu (real CIFAR-10: "
+        help="default (embedded data: ~80 s on the idle 2-core CPU machine) | cpu (real CIFAR-10: "
         "~60 min of training) | full (GPU) | pretrained (no training: the hubs' ViT-B/16 21k and 1k, "
         "a GAP ViT and ResNet-50 on --data-dir IMAGES, e.g. ImageNet's val set)",
     )

@@ -512,7 +512,8 @@ def _run_row(r: dict) -> list[str]:
     href = r.get("run_dir")
     train_s = r.get("train_time_s")
     return [e(r["label"]), f"<code>{e(str(r.get('model', '?')))}</code>", fmt_fraction(r["fraction"]),
-            str(r["seed"]), f"{r.get('train_images', 0):,}",
+            str(r["seed"]), f"{r.get('train_images', 0):,}", _num(r.get("epochs"), ",d"),
+            _num(r.get("steps"), ",d"), _num(r.get("images_seen"), ",d"),
             _num(r.get("params") and r["params"] / 1e6, ".2f"),
             _num(r.get("flops_per_image") and r["flops_per_image"] / 1e9, ".3f"),
             _num(train_s, ",.0f" if (train_s or 0) >= 10 else ".1f"), _num(r.get("img_per_s"), ",.0f"),
@@ -525,8 +526,9 @@ def _runs_part(page: _Page) -> _Part:
     order = _labels(runs)
     rows = [_run_row(r)
             for r in sorted(runs, key=lambda r: (order.index(r["label"]), r["fraction"], r["seed"]))]
-    return _Part(_table(["label", "model", "fraction", "seed", "train images", "params (M)", "GFLOPs/img",
-                         "train time (s)", "img/s", "test top-1 (%)", "run directory"], rows, text_cols=2))
+    return _Part(_table(["label", "model", "fraction", "seed", "train images", "epochs", "steps",
+                         "images seen", "params (M)", "GFLOPs/img", "train time (s)", "img/s",
+                         "test top-1 (%)", "run directory"], rows, text_cols=2))
 
 
 def _tokenizers_part(page: _Page) -> _Part | None:

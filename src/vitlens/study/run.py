@@ -105,6 +105,9 @@ def train_all(cfg: StudyConfig, study_dir: Path, train_images_full: int, log=pri
                 "test_top1": summary["test_top1"],
                 "test_top5": summary["test_top5"],
                 "epochs": summary["epochs"],
+                # what the run saw (runs from before these keys were recorded have none)
+                "steps": summary.get("steps"),
+                "images_seen": summary.get("images_seen"),
                 "run_dir": f"runs/{name}",
             }
         )

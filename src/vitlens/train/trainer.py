@@ -43,7 +43,7 @@ from .harness import (
     train_step,
 )
 from .precision import optimizer_options, want_channels_last
-from .run_folder import BEST, LAST, is_finished, last_record
+from .run_folder import BEST, LAST, is_finished, read_records
 from .schedule import warmup_cosine
 
 __all__ = [
@@ -368,7 +368,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
             return {"finished": False, "epoch": epoch + 1}
 
     # ---- summary
-    last = last_record(run.dir / "metrics.jsonl") if run.is_main else {}
+    records = read_records(run.dir / "metrics.jsonl") if run.is_main else []
+    last = records[-1] if records else {}
     summary = {
         "finished": True,
         "model": cfg.model,
@@ -376,6 +377,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overrides: dict | None = No
         "flops_per_image": flops,
         "train_images": len(train_ds),
         "epochs": cfg.epochs,
+        "steps": scheduler.last_epoch,  # optimiser steps, across resumes
+        "images_seen": sum(r.get("images", 0) for r in records),  # images trained on, every epoch counted
         "train_time_s": train_time,
         "img_per_s": last.get("img_per_s"),
         "test_top1": last.get("test_top1"),
@@ -462,6 +465,7 @@ def epoch_record(run: Run, epoch: int, steps_per_epoch: int, scheduler, stats, e
         "train_acc": 100 * correct / seen,
         "img_per_s": seen / epoch_time,
         "epoch_time_s": epoch_time,
+        "images": int(seen),  # training images this epoch, all processes
     }
 
 
