@@ -19,6 +19,7 @@ with :func:`run_seed`, so a checkpoint needs only weights, optimiser, schedule a
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -110,6 +111,55 @@ def model_config(name: str, overrides: dict):
     return model_config_class(name)(**{**model_defaults(name), **overrides})
 
 
+# ------------------------------------------------------------------------------- divergence
+def diverged(value: float, at: str, fix: str) -> TrainingError:
+    kind = "NaN" if math.isnan(value) else "infinite"
+    return TrainingError(f"training diverged: the loss became {kind} at {at}; {fix}")
+
+
+@dataclass
+class LossWatch:
+    """The divergence check, without making an accelerator wait for the host every step.
+
+    On the CPU :func:`train_step` checks each loss as it is computed (reading it costs nothing).
+    On a GPU that read would stall the host until the step is done, so no step could be queued
+    ahead; there the first non-finite loss is recorded on the device instead, and :meth:`check`,
+    called before every metrics record, checkpoint and summary is written, reads it once and raises
+    the same error naming the same step. A diverged GPU run so stops at its next record: a few more
+    updates run, but nothing from after the bad step is ever written."""
+
+    defer: bool | None = None  # None: defer on any device but the CPU
+    _first_bad: torch.Tensor | None = None  # index into _labels of the first non-finite loss, -1: none
+    _bad_value: torch.Tensor | None = None  # that loss (NaN or +-inf)
+    _count: torch.Tensor | None = None  # losses noted since the last check, counted on the device
+    _labels: list = field(default_factory=list)  # (at, fix) of each of those losses
+
+    def deferred(self, loss: torch.Tensor) -> bool:
+        return loss.device.type != "cpu" if self.defer is None else self.defer
+
+    def note(self, loss: torch.Tensor, at: str, fix: str) -> None:
+        loss = loss.detach().float()
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_value = torch.zeros((), device=loss.device)
+            self._count = torch.zeros((), dtype=torch.long, device=loss.device)
+        new_bad = ~torch.isfinite(loss) & (self._first_bad < 0)
+        self._first_bad = torch.where(new_bad, self._count, self._first_bad)
+        self._bad_value = torch.where(new_bad, loss, self._bad_value)
+        self._count += 1
+        self._labels.append((at, fix))
+
+    def check(self) -> None:
+        """Raise the TrainingError of the first non-finite loss noted since the last check."""
+        if self._first_bad is None or not self._labels:
+            return
+        first, labels = int(self._first_bad), self._labels  # the one read of the device
+        if first >= 0:
+            raise diverged(float(self._bad_value), *labels[first])
+        self._labels = []
+        self._count.zero_()
+
+
 # ------------------------------------------------------------------------------- the run
 @dataclass
 class Run:
@@ -126,6 +176,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     log: MetricsLog | None = None
     resumed_at: int = 0  # the checkpoint's epoch/step (0 for a new run)
+    losses: LossWatch = field(default_factory=LossWatch)  # divergence, checked before anything is written
 
     # ---- numerics and processes
     @property
@@ -193,6 +244,7 @@ class Run:
         self, model: nn.Module, optimizer, scheduler, *, meta: dict, count: int, scaler=None, extra=None
     ) -> None:
         """Atomic last.safetensors with everything needed to continue (main process only)."""
+        self.losses.check()  # never a checkpoint of a diverged model
         if not self.is_main:
             return
         state = {
@@ -236,12 +288,14 @@ class Run:
 
     def log_record(self, record: dict) -> None:
         """Append to metrics.jsonl / TensorBoard and print the record (rounded) when showing progress."""
+        self.losses.check()
         self.log.write(record)
         if self.is_main and getattr(self.cfg, "progress", True):
             tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
 
     def finish(self, summary: dict) -> dict:
         """summary.json of a finished run (main process), then close the log and the process group."""
+        self.losses.check()
         if summary.get("finished") and self.is_main:
             write_json(self.dir / "summary.json", summary)
         self.close()
@@ -379,13 +433,16 @@ def train_step(
     check, zero_grad, backward (fp16 loss scaling), gradient clipping, update, schedule.
 
     A NaN or infinite loss is a :class:`TrainingError` naming the step (the schedule's count,
-    1-based, so it survives a resume), ``where`` (e.g. "epoch 2") and the ``fix``."""
+    1-based, so it survives a resume), ``where`` (e.g. "epoch 2") and the ``fix``: raised here on
+    the CPU, before the update; on an accelerator at the run's next record (see :class:`LossWatch`)."""
     with run.autocast():
         loss, out = forward()
-    if not torch.isfinite(loss):
-        value = "NaN" if torch.isnan(loss) else "infinite"
-        at = f"step {scheduler.last_epoch + 1}" + (f" ({where})" if where else "")
-        raise TrainingError(f"training diverged: the loss became {value} at {at}; {fix}")
+    at = f"step {scheduler.last_epoch + 1}" + (f" ({where})" if where else "")
+    watch = getattr(run, "losses", None)
+    if watch is not None and watch.deferred(loss):
+        watch.note(loss, at, fix)
+    elif not torch.isfinite(loss):
+        raise diverged(float(loss), at, fix)
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
