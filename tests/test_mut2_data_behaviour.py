@@ -299,6 +299,7 @@ def _same_pipeline(got: v2.Compose, want: list) -> None:
 def test_transform_recipes_op_by_op(kwargs, want):
     from vitlens.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 
+    kwargs = dict(kwargs)  # a copy: the parameter dict is shared by reruns in one process (mutmut)
     train = kwargs.pop("train")
     _same_pipeline(build_transforms(train, **kwargs), want(list(IMAGENET_MEAN), list(IMAGENET_STD)))
 

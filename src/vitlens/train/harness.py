@@ -442,7 +442,7 @@ def train_step(
     if watch is not None and watch.deferred(loss):
         watch.note(loss, at, fix)
     elif not torch.isfinite(loss):
-        raise diverged(float(loss), at, fix)
+        raise diverged(float(loss.detach()), at, fix)
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
