@@ -4,11 +4,11 @@ refusal a user reads, and the calls a process group would receive (spies; no sec
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+from _runs import TRAIN_SAFE, made_run
 
 from vitlens.errors import ConfigError, ResumeError
 from vitlens.train import distributed as dist_mod
@@ -17,16 +17,7 @@ from vitlens.train.config import TrainConfig
 from vitlens.train.distributed import DistInfo
 
 # the keys of a TrainConfig a resume may change on purpose, as the messages list them
-TRAIN_SAFE = "checkpoint_every, epochs, eval_every, num_workers, progress, stop_after_epochs, time_budget_min"
 
-
-def _made_run(tmp_path, **values) -> TrainConfig:
-    """A run folder with a checkpoint and the config.json of TrainConfig(**values)."""
-    cfg = TrainConfig(**{"out": str(tmp_path / "run"), "device": "cpu", "amp": "fp32", **values})
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "last.safetensors").write_bytes(b"x")
-    (tmp_path / "run" / "config.json").write_text(json.dumps(asdict(cfg)))
-    return cfg
 
 
 def _message(call) -> str:
@@ -36,7 +27,7 @@ def _message(call) -> str:
 
 
 def test_overrides_outside_the_safe_keys_are_named_with_the_safe_ones(tmp_path):
-    cfg = _made_run(tmp_path)
+    cfg = made_run(tmp_path)
     assert _message(lambda: harness.start_run(cfg, resume=True, overrides={"seed": 1, "lr": 0.5})) == (
         f"--override lr, seed: only {TRAIN_SAFE} can change when a run is resumed; start a new run "
         "(another --out) to change anything else"
@@ -44,7 +35,7 @@ def test_overrides_outside_the_safe_keys_are_named_with_the_safe_ones(tmp_path):
 
 
 def test_a_resume_that_changes_the_run_lists_each_difference_in_order(tmp_path):
-    cfg = _made_run(tmp_path, lr=0.25, seed=3)
+    cfg = made_run(tmp_path, lr=0.25, seed=3)
     changed = TrainConfig(**{**asdict(cfg), "seed": 4, "lr": 0.5, "mixup": 0.2})
     assert _message(lambda: harness.start_run(changed, resume=True)) == (
         f"--resume would change the run in {tmp_path / 'run'} "
@@ -55,7 +46,7 @@ def test_a_resume_that_changes_the_run_lists_each_difference_in_order(tmp_path):
 
 
 def test_a_resume_may_change_how_it_runs_and_where_the_folder_is_spelt(tmp_path):
-    cfg = _made_run(tmp_path, progress=True, num_workers=0, epochs=4)
+    cfg = made_run(tmp_path, progress=True, num_workers=0, epochs=4)
     same = TrainConfig(
         **{**asdict(cfg), "out": str(tmp_path / "." / "run") + "/", "progress": False, "num_workers": 2}
     )

@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from _runs import TRAIN_SAFE, made_run
 
 from vitlens.errors import DeviceError, ResumeError
 from vitlens.io import load_checkpoint
@@ -30,8 +31,6 @@ TINY = dict(
     randaugment=None,
     progress=False,
 )
-# the keys of a TrainConfig a resume may change on purpose, as the refusal lists them
-TRAIN_SAFE = "checkpoint_every, epochs, eval_every, num_workers, progress, stop_after_epochs, time_budget_min"
 
 
 @pytest.fixture
@@ -39,14 +38,6 @@ def no_cuda(monkeypatch):
     """'auto' means the CPU here, whatever machine runs the tests."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
-
-def _made_run(tmp_path, **values) -> TrainConfig:
-    """A run folder with a checkpoint and the config.json of TrainConfig(**values) (no training)."""
-    cfg = TrainConfig(**{"out": str(tmp_path / "run"), "device": "cpu", "amp": "fp32", **values})
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "last.safetensors").write_bytes(b"x")
-    (tmp_path / "run" / "config.json").write_text(json.dumps(asdict(cfg)))
-    return cfg
 
 
 def _refusal(run, diffs: str) -> str:
@@ -99,7 +90,7 @@ def test_a_run_started_on_auto_resumes_on_cpu_exactly_and_records_the_move(tmp_p
 
 
 def test_a_gpu_run_resumes_on_the_cpu_when_asked_and_says_how_otherwise(tmp_path, no_cuda, capsys):
-    cfg = _made_run(tmp_path, device="cuda", compile=True, channels_last=True, data_path="device")
+    cfg = made_run(tmp_path, device="cuda", compile=True, channels_last=True, data_path="device")
     run_dir = tmp_path / "run"
     # the command line without --device: config.json's cuda, which this machine has not
     kept = resume_config(TrainConfig, run_dir, {})
@@ -129,14 +120,14 @@ def test_a_gpu_run_resumes_on_the_cpu_when_asked_and_says_how_otherwise(tmp_path
 
 
 def test_the_same_device_is_no_move(tmp_path, capsys):
-    cfg = _made_run(tmp_path)
+    cfg = made_run(tmp_path)
     capsys.readouterr()
     run = harness.start_run(cfg, resume=True)
     assert run.overrides == {} and capsys.readouterr().err == ""
 
 
 def test_a_real_change_is_still_refused_and_names_only_the_real_change(tmp_path, no_cuda):
-    cfg = _made_run(tmp_path, device="auto", lr=0.002)
+    cfg = made_run(tmp_path, device="auto", lr=0.002)
     run_dir = tmp_path / "run"
     changed = TrainConfig(**{**asdict(cfg), "device": "cpu", "lr": 0.001})
     with pytest.raises(ResumeError) as err:
