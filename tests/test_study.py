@@ -54,6 +54,10 @@ def test_study_end_to_end_resume_and_report(tmp_path, capsys):
 
     # Kill-and-restart: a run without summary.json is resumed from its checkpoint, the others reused.
     (out / "runs" / "ResNet_f0.5_s0" / "summary.json").unlink()
+    # a run finished before summary.json counted its steps: they are read from its metrics.jsonl
+    old_summary = out / "runs" / "ViT-GAP_f0.5_s0" / "summary.json"
+    old_summary.write_text(json.dumps({k: v for k, v in json.loads(old_summary.read_text()).items()
+                                       if k not in ("steps", "images_seen")}))
     kept = (out / "runs" / "ViT-CLS_f0.1_s0" / "checkpoints" / "last.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     assert cli_main(["study", "--preset", "smoke", "--out", str(out)]) == 0
@@ -63,6 +67,8 @@ def test_study_end_to_end_resume_and_report(tmp_path, capsys):
     assert (out / "runs" / "ViT-CLS_f0.1_s0" / "checkpoints" / "last.safetensors").stat().st_mtime_ns == kept
     resumed = json.loads((out / "results.json").read_text())
     assert [r["test_top1"] for r in resumed["runs"]] == [r["test_top1"] for r in results["runs"]]
+    old_run = next(r for r in resumed["runs"] if r["run_dir"] == "runs/ViT-GAP_f0.5_s0")
+    assert (old_run["steps"], old_run["images_seen"]) == (16, None)
 
     # `vitlens report` rebuilds the page from results.json alone.
     (out / "report.html").unlink()

@@ -18,6 +18,7 @@ import torch
 
 from ..models.loading import load_run_model
 from ..train import TrainConfig, has_checkpoint, is_finished, train
+from ..train.run_folder import last_record
 from .config import ModelSpec, StudyConfig
 
 
@@ -105,8 +106,8 @@ def train_all(cfg: StudyConfig, study_dir: Path, train_images_full: int, log=pri
                 "test_top1": summary["test_top1"],
                 "test_top5": summary["test_top5"],
                 "epochs": summary["epochs"],
-                # what the run saw (runs from before these keys were recorded have none)
-                "steps": summary.get("steps"),
+                # what the run saw; a run from before summary.json had "steps" has them in its metrics
+                "steps": summary.get("steps", last_record(run_dir / "metrics.jsonl").get("step")),
                 "images_seen": summary.get("images_seen"),
                 "run_dir": f"runs/{name}",
             }
