@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _runs import TINY_RUN
 
 from vitlens.errors import ConfigError, DeviceError, ModelError, ResumeError, VitlensError
 from vitlens.io import load_checkpoint
@@ -16,17 +17,7 @@ from vitlens.train.lm import LMTrainConfig, train_lm
 from vitlens.train.run_folder import parse_overrides, resume_config
 from vitlens.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
-TINY = dict(
-    model="vit_micro_patch4_32",
-    model_args={"depth": 1, "embed_dim": 32, "num_heads": 2},
-    data="cifar10-mini",
-    fraction=0.04,
-    batch_size=20,
-    lr=2e-3,
-    warmup_epochs=0.5,
-    epochs=2,
-    progress=False,
-)
+TINY = TINY_RUN
 
 
 def _records(run_dir) -> list[dict]:

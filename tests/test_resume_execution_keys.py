@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from _runs import TRAIN_SAFE, made_run
+from _runs import TINY_RUN, TRAIN_SAFE, made_run
 
 from vitlens.errors import DeviceError, ResumeError
 from vitlens.io import load_checkpoint
@@ -19,18 +19,7 @@ from vitlens.train import TrainConfig, harness, train
 from vitlens.train.lm import LMTrainConfig
 from vitlens.train.run_folder import EXECUTION_KEYS, OVERRIDABLE_KEYS, resume_config
 
-TINY = dict(
-    model="vit_micro_patch4_32",
-    model_args={"depth": 1, "embed_dim": 32, "num_heads": 2},
-    data="cifar10-mini",
-    fraction=0.04,
-    batch_size=20,
-    lr=2e-3,
-    warmup_epochs=0.5,
-    epochs=2,
-    randaugment=None,
-    progress=False,
-)
+TINY = {**TINY_RUN, "randaugment": None}
 
 
 @pytest.fixture
